@@ -1,0 +1,122 @@
+"""The converter: find the target projections in a megatron model, adapt them in place and
+initialise every adapter with its method (one batched, distributed subspace pass)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..subspace import ShardedWeight, check_rank, extract_subspaces
+from .config import AdapterConfig
+from .layer import TargetAdapter, adapt_in_place
+from .targets import HF_MODULE_PREFIX, MODULE_OF_TARGET, Layout, layout_for
+from .variants import InitContext, get_variant
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdaptedTarget:
+    name: str  # HF module name, e.g. "model.layers.3.self_attn.q_proj"
+    target: str  # "q_proj"
+    module: torch.nn.Module  # the adapted megatron linear holding it
+    layout: Layout
+    shard_dim: int
+
+    def local_weight(self) -> torch.Tensor:
+        view = self.layout.view(self.module.weight, self.target)
+        return view.reshape(-1, view.shape[-1]) if self.shard_dim == 0 else self.module.weight
+
+
+def _transformer_layers(model_chunks):
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            if isinstance(module, TransformerLayer):
+                yield module
+
+
+def find_targets(model_chunks, cfg: AdapterConfig, tp_size: int) -> list[AdaptedTarget]:
+    """Adapt the target linears in place (no initialisation yet); global HF layer indices."""
+    found = []
+    for layer in _transformer_layers(model_chunks):
+        index = layer.layer_number - 1  # megatron's layer_number is global and 1-based
+        for target in cfg.targets:
+            path, shard_dim = MODULE_OF_TARGET[target]
+            module = layer.get_submodule(path)
+            local_out = module.weight.shape[0]
+            if target == "gate_proj" and not layer.config.gated_linear_unit:
+                raise ValueError("gate_proj is a target but the model's MLP is not gated (no SwiGLU)")
+            layout = layout_for(path, layer.config, tp_size, local_out)
+            adapt_in_place(module, layout, cfg.dropout)
+            name = f"model.layers.{index}.{HF_MODULE_PREFIX[target]}.{target}"
+            found.append(AdaptedTarget(name, target, module, layout, shard_dim))
+    if not found:
+        raise ValueError("no target projections found in the model (is this a megatron GPTModel stage?)")
+    return found
+
+
+def apply_adapters(model_chunks, cfg: AdapterConfig, tp_group=None, dp_group=None, progress: bool = False):
+    """Adapt and initialise ``cfg.targets`` in this pipeline stage's model chunks.
+
+    Collective over the TP group (and the DP group, which splits the SVD work): every rank
+    of the stage must call it. Only this stage's layers are touched.
+    """
+    if isinstance(model_chunks, torch.nn.Module):
+        model_chunks = [model_chunks]
+    tp_size = tp_group.size() if tp_group is not None else 1
+    targets = find_targets(model_chunks, cfg, tp_size)
+    initialise_adapters(targets, cfg, tp_group, dp_group, progress)
+    for chunk in model_chunks:
+        for name, param in chunk.named_parameters():
+            if ".adapters." not in name:
+                param.requires_grad_(False)
+    return targets
+
+
+def initialise_adapters(targets: list[AdaptedTarget], cfg: AdapterConfig, tp_group=None, dp_group=None,
+                        progress: bool = False) -> None:
+    """Give each adapted target its method's initial factors (collective, see apply_adapters)."""
+    tp_size = tp_group.size() if tp_group is not None else 1
+    tp_rank = tp_group.rank() if tp_group is not None else 0
+    variant = get_variant(cfg.method)
+
+    sharded = [ShardedWeight(t.name, t.local_weight(), t.shard_dim) for t in targets]
+    for w in sharded:
+        check_rank(w, cfg.rank, tp_size)
+    subspaces = [None] * len(targets)
+    if variant.subspace is not None:
+        subspaces = extract_subspaces(
+            sharded, cfg.rank, variant.subspace, tp_group, dp_group, cfg.svd_backend, progress
+        )
+
+    for t, w, sub in zip(targets, sharded, subspaces):
+        local_shape = tuple(w.local.shape)
+        full_shape = (local_shape[0] * tp_size, local_shape[1]) if t.shard_dim == 0 else (local_shape[0], local_shape[1] * tp_size)
+        ctx = InitContext(
+            name=t.name, shard_dim=t.shard_dim, local_shape=local_shape, full_shape=full_shape,
+            rank=cfg.rank, scaling=cfg.scaling, tp_rank=tp_rank, tp_size=tp_size,
+            tp_group=tp_group, seed=cfg.seed, subspace=sub,
+        )
+        _install(t, variant.init(ctx), cfg)
+
+
+def _install(t: AdaptedTarget, factors, cfg: AdapterConfig) -> None:
+    weight = t.module.weight
+    dtype = weight.dtype
+    a, b = factors.a.to(weight.device), factors.b.to(weight.device)
+    initial = None
+    if factors.subtract_initial:
+        initial = (a.to(dtype), b.to(dtype))
+        if cfg.residual == "merge":
+            with torch.no_grad():
+                region = t.layout.view(weight, t.target) if t.shard_dim == 0 else weight
+                delta = (cfg.scaling * (b @ a)).view(region.shape)
+                region.copy_((region.to(torch.float64) - delta).to(dtype))
+    t.module.adapters[t.target] = TargetAdapter(
+        a.to(dtype), b.to(dtype), cfg.scaling, factors.train_a, factors.train_b,
+        initial, residual_branch=cfg.residual == "branch",
+    )

@@ -1,0 +1,161 @@
+"""Low-rank adapters inside megatron-core's tensor-parallel linears.
+
+The adapted classes subclass ``ColumnParallelLinear`` / ``RowParallelLinear`` and override
+only ``_forward_impl`` (the local matmul), so megatron keeps doing its own input handling
+and output reduction, and the base weight keeps its name and checkpoint sharding:
+
+* ColumnParallel: A (r x in) replicated, B split by output rows. ``h = A x`` is r-wide;
+  its backward all-reduce (or, with sequence parallelism, all-gather forward /
+  reduce-scatter backward) is the only adapter communication. Under SP each rank's dA
+  covers its sequence chunk only, so A's gradient is all-reduced in backward.
+* RowParallel: A split by input columns, B replicated. ``B (A_t x_t)`` is added to the
+  base's partial output *before* megatron's reduction, so the forward needs no extra
+  collective; dB is a partial sum over ranks and is all-reduced (out x r) in backward.
+
+Per-target adapters on fused linears (q/k/v in ``linear_qkv``, gate/up in ``linear_fc1``)
+share one input projection (their A's stacked) and are interleaved back by a ``Layout``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    get_cuda_rng_tracker,
+)
+
+from .targets import Layout
+
+
+class TargetAdapter(torch.nn.Module):
+    """A and B of one HF projection on this rank, and the initial B0, A0 they started from."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float, train_a: bool, train_b: bool,
+                 initial: tuple[torch.Tensor, torch.Tensor] | None, residual_branch: bool):
+        super().__init__()
+        self.lora_A = torch.nn.Parameter(a, requires_grad=train_a)
+        self.lora_B = torch.nn.Parameter(b, requires_grad=train_b)
+        self.scaling = scaling
+        self.residual_branch = residual_branch and initial is not None
+        if initial is not None:
+            self.register_buffer("lora_A0", initial[0].clone())
+            self.register_buffer("lora_B0", initial[1].clone())
+        else:
+            self.lora_A0 = self.lora_B0 = None
+
+    def extra_repr(self) -> str:
+        r, n_in = self.lora_A.shape
+        return f"r={r}, in={n_in}, out={self.lora_B.shape[0]}, scaling={self.scaling}, residual_branch={self.residual_branch}"
+
+
+class _AdapterHost:
+    """Adapter state and the delta computation, shared by the two parallel linears."""
+
+    adapter_layout: Layout
+    adapter_shard_dim: int
+
+    def _init_adapter_host(self, layout: Layout, shard_dim: int, dropout: float) -> None:
+        self.adapter_layout = layout
+        self.adapter_shard_dim = shard_dim
+        self.adapter_dropout = dropout
+        self.adapters = torch.nn.ModuleDict()
+        self.adapters_enabled = True
+
+    @property
+    def _tp_size(self) -> int:
+        return self.tp_group.size() if self.tp_group is not None else 1
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.adapter_dropout == 0.0:
+            return x
+        # Replicated inputs need the same mask on every TP rank (default stream); sharded
+        # inputs (row-parallel, or sequence-parallel chunks) need a per-rank stream.
+        replicated = self.adapter_shard_dim == 0 and not self.sequence_parallel
+        ctx = contextlib.nullcontext() if replicated or self._tp_size == 1 else get_cuda_rng_tracker().fork()
+        with ctx:
+            return F.dropout(x, self.adapter_dropout, training=True)
+
+    def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
+        adapters = list(self.adapters.items())
+        tp = self._tp_size
+        column = self.adapter_shard_dim == 0
+        r = [ad.lora_A.shape[0] for _, ad in adapters]
+        a = torch.cat([ad.lora_A for _, ad in adapters]) if len(adapters) > 1 else adapters[0][1].lora_A
+        if column and self.sequence_parallel and tp > 1:
+            a = copy_to_tensor_model_parallel_region(a, group=self.tp_group)  # dA: sum over chunks
+        h = self._dropout(x) @ a.t()
+        branch = [name for name, ad in adapters if ad.residual_branch]
+        if branch:
+            a0 = torch.cat([self.adapters[n].lora_A0 for n in branch])
+            h = torch.cat([h, x @ a0.t()], dim=-1)
+        if column and tp > 1:
+            if self.sequence_parallel:
+                h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=self.tp_group)
+            else:
+                h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
+        splits = r + [self.adapters[n].lora_A0.shape[0] for n in branch]
+        hs = torch.split(h, splits, dim=-1)
+        h0 = dict(zip(branch, hs[len(adapters):]))
+        deltas = {}
+        for (name, ad), h_i in zip(adapters, hs):
+            b = ad.lora_B
+            if not column and tp > 1 and b.requires_grad:
+                b = copy_to_tensor_model_parallel_region(b, group=self.tp_group)  # dB: sum over ranks
+            d = h_i @ b.t()
+            if name in h0:
+                d = d - h0[name] @ ad.lora_B0.t()  # exactly zero at init: same values, same kernels
+            deltas[name] = d * ad.scaling
+        return self.adapter_layout.combine(deltas)
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        out = super()._forward_impl(input, weight, *args, **kwargs)
+        if not self.adapters_enabled or len(self.adapters) == 0:
+            return out
+        return out + self.adapter_delta(input).to(out.dtype)
+
+
+class AdaptedColumnParallelLinear(_AdapterHost, ColumnParallelLinear):
+    pass
+
+
+class AdaptedRowParallelLinear(_AdapterHost, RowParallelLinear):
+    pass
+
+
+def adapt_in_place(module, layout: Layout, dropout: float):
+    """Turn an existing megatron linear into its adapted subclass without copying its weight."""
+    if type(module) is ColumnParallelLinear:
+        module.__class__ = AdaptedColumnParallelLinear
+        shard_dim = 0
+    elif type(module) is RowParallelLinear:
+        module.__class__ = AdaptedRowParallelLinear
+        shard_dim = 1
+    elif isinstance(module, _AdapterHost):
+        return module
+    else:
+        raise TypeError(
+            f"cannot adapt {type(module).__name__}: only megatron-core's ColumnParallelLinear and "
+            "RowParallelLinear (the local spec) are supported"
+        )
+    module._init_adapter_host(layout, shard_dim, dropout)
+    return module
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Run the base model: every adapter's delta switched off (e.g. the forgetting reference)."""
+    hosts = [m for m in model.modules() if isinstance(m, _AdapterHost)]
+    previous = [m.adapters_enabled for m in hosts]
+    for m in hosts:
+        m.adapters_enabled = False
+    try:
+        yield
+    finally:
+        for m, p in zip(hosts, previous):
+            m.adapters_enabled = p

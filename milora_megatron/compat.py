@@ -1,0 +1,157 @@
+"""The one place where megatron-core's CUDA assumptions are adapted for CPU/gloo runs.
+
+megatron-core 0.16.1 hard-codes ``device="cuda"`` and ``torch.cuda.*`` calls in a few
+spots that a CPU run reaches (pipeline schedules, p2p shape exchange, the RNG tracker,
+the default causal mask). On a machine with a GPU nothing here is applied. Everywhere
+else in this project megatron-core is used as shipped.
+
+Instead of editing megatron's functions, the affected *modules* get a view of ``torch``
+whose "cuda" device and ``torch.cuda`` helpers resolve to the CPU; the RNG tracker is
+replaced by a subclass that keeps its state in the CPU generator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import types
+
+import torch
+
+_APPLIED = False
+
+
+def cpu_only() -> bool:
+    return not torch.cuda.is_available()
+
+
+def _to_cpu(device):
+    if device is None:
+        return None
+    if isinstance(device, int) or str(device).startswith("cuda"):
+        return torch.device("cpu")
+    return device
+
+
+class _CudaOnCpu(types.SimpleNamespace):
+    """Stands in for ``torch.cuda`` inside patched megatron modules."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return "cpu"
+
+    @staticmethod
+    def synchronize(*_args, **_kwargs):
+        return None
+
+    @staticmethod
+    def is_available():
+        return False
+
+
+class _TorchOnCpu(types.ModuleType):
+    """A ``torch`` look-alike whose tensor factories map the CUDA device to the CPU."""
+
+    cuda = _CudaOnCpu()
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        value = getattr(torch, name)
+        if name in {"zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand"}:
+
+            @functools.wraps(value)
+            def factory(*args, **kwargs):
+                if "device" in kwargs:
+                    kwargs["device"] = _to_cpu(kwargs["device"])
+                return value(*args, **kwargs)
+
+            return factory
+        return value
+
+
+def _cpu_rng_tracker_class():
+    from megatron.core.tensor_parallel import random as mp_random
+
+    class CpuRNGStatesTracker(mp_random.CudaRNGStatesTracker):
+        """megatron's RNG tracker with its named states kept in the CPU generator."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    return CpuRNGStatesTracker
+
+
+@functools.lru_cache(maxsize=32)
+def _causal_mask_cpu(sq, skv=None):
+    skv = sq if skv is None else skv
+    return torch.triu(torch.ones(sq, skv, dtype=torch.bool), diagonal=1 + skv - sq)
+
+
+def apply() -> bool:
+    """Adapt megatron-core for CPU when no GPU is present. Idempotent; returns True if applied."""
+    global _APPLIED
+    if _APPLIED or not cpu_only():
+        return _APPLIED
+    torch_on_cpu = _TorchOnCpu()
+    for module_name in (
+        "megatron.core.pipeline_parallel.schedules",
+        "megatron.core.pipeline_parallel.p2p_communication",
+        "megatron.core.dist_checkpointing.strategies.torch",
+        "megatron.core.dist_checkpointing.strategies.async_utils",
+        "megatron.core.dist_checkpointing.strategies.filesystem_async",
+        "megatron.core.dist_checkpointing.exchange_utils",
+        "megatron.core.distributed.param_and_grad_buffer",
+        "megatron.core.distributed.distributed_data_parallel",
+        "megatron.core.distributed.finalize_model_grads",
+    ):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if getattr(module, "torch", None) is torch:
+            module.torch = torch_on_cpu
+
+    from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer import utils as tf_utils
+
+    mp_random._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    tf_utils.get_default_causal_mask = _causal_mask_cpu
+    _APPLIED = True
+    return True
+
+
+def model_parallel_manual_seed(seed: int) -> None:
+    """Seed the default and tensor-parallel RNG streams the way megatron does, on any device."""
+    from megatron.core import tensor_parallel
+
+    apply()
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)

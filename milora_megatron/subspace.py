@@ -1,0 +1,312 @@
+"""Distributed extraction of the r smallest (or largest) singular triplets of TP-sharded weights.
+
+A tensor-parallel weight is split along one side: ColumnParallelLinear splits the output
+rows (``shard_dim=0``), RowParallelLinear the input columns (``shard_dim=1``). The other
+side is whole on every rank, and its float64 Gram matrix is a plain sum of per-rank
+Grams. So, per matrix:
+
+1. every rank forms its float64 Gram of the unsharded side; a ``reduce`` sums them on ONE
+   owner rank (owners round-robin over the TP ranks, matrices round-robin over the
+   data-parallel replicas, so eigensolves are split, never repeated);
+2. the owner solves only the r wanted eigenpairs and broadcasts the r-wide basis;
+3. every rank projects its own shard onto it (``P_t = W_t V``, r-wide) and an r x r
+   Rayleigh-Ritz step on ``P^T P`` (summed over ranks, solved by the owner) fixes the
+   singular values and the basis inside the subspace. This works on W itself rather than
+   on its square, so the smallest singular values come out accurate to ~1e-12 relative
+   instead of the Gram's ~eps * cond^2.
+
+No rank ever sees another rank's shard of W: only Grams of the unsharded side (summed),
+r-wide bases and r x r matrices travel. ``backend="exact"`` instead gathers the whole
+matrix and runs a float64 ``torch.linalg.svd`` (for tests and debugging only).
+
+Conventions (identical at every TP size): singular values in descending order; each
+vector of the unsharded side has its largest-magnitude entry positive (ties: first
+index). Singular values below ``n * eps * sigma_max`` (what a float64 Gram can resolve)
+are reported as exactly 0; their derived vectors are 0 unless an orthonormal basis is
+asked for (``left_orthonormal``), where they are completed deterministically.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+Which = Literal["minor", "principal"]
+_EPS64 = torch.finfo(torch.float64).eps
+
+
+@dataclass(frozen=True)
+class ShardedWeight:
+    """One weight as this rank holds it; ``shard_dim`` is the side split over the TP group."""
+
+    name: str
+    local: torch.Tensor
+    shard_dim: int  # 0: output rows split (ColumnParallel), 1: input columns split (RowParallel)
+
+
+@dataclass
+class Subspace:
+    """r singular triplets of one weight, as seen by one TP rank (float64).
+
+    ``u`` is this rank's rows of U when rows are sharded (else all of U), ``v`` likewise for
+    V; ``sigma`` is replicated, descending.
+    """
+
+    name: str
+    sigma: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    shard_dim: int
+    degenerate: torch.Tensor  # bool (r,): sigma below the resolution floor
+
+    @property
+    def derived(self) -> torch.Tensor:
+        """The factor each rank computed locally from the broadcast one."""
+        return self.u if self.shard_dim == 0 else self.v
+
+
+def _world(group) -> tuple[int, int]:
+    if group is None or not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _global_rank(group, group_rank: int) -> int:
+    return dist.get_global_rank(group, group_rank) if group is not None else group_rank
+
+
+def full_shape(w: ShardedWeight, tp_size: int) -> tuple[int, int]:
+    out, inp = w.local.shape
+    return (out * tp_size, inp) if w.shard_dim == 0 else (out, inp * tp_size)
+
+
+def check_rank(w: ShardedWeight, rank: int, tp_size: int) -> None:
+    out, inp = full_shape(w, tp_size)
+    if not 0 < rank <= min(out, inp):
+        raise ValueError(
+            f"adapter rank {rank} is invalid for {w.name}: its weight is {out} x {inp}, "
+            f"so the rank must be between 1 and {min(out, inp)}"
+        )
+
+
+def _eigh_range(gram: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs lo..hi-1 (ascending) of a symmetric float64 matrix.
+
+    On CPU LAPACK's subset driver skips most of the eigenvector work (4.5x faster at 4096
+    on 2 cores); on GPU the full ``torch.linalg.eigh`` is already fast.
+    """
+    if gram.device.type == "cpu":
+        try:
+            import scipy.linalg
+        except ImportError:  # pragma: no cover - scipy is a declared dependency
+            scipy = None
+        else:
+            vals, vecs = scipy.linalg.eigh(
+                gram.numpy(), subset_by_index=[lo, hi - 1], driver="evr", check_finite=False
+            )
+            return torch.from_numpy(vals), torch.from_numpy(vecs)
+    vals, vecs = torch.linalg.eigh(gram)
+    return vals[lo:hi], vecs[:, lo:hi]
+
+
+def _sign_fix(vectors: torch.Tensor) -> torch.Tensor:
+    """+1/-1 per column making each column's largest-magnitude entry positive."""
+    idx = vectors.abs().argmax(dim=0)
+    pivots = vectors.gather(0, idx.unsqueeze(0)).squeeze(0)
+    return torch.where(pivots < 0, -1.0, 1.0).to(vectors.dtype)
+
+
+def _selection(n_unsharded: int, n_nonzero: int, rank: int, which: Which) -> tuple[int, int]:
+    # The Gram of the unsharded side has n_unsharded - n_nonzero structural zeros at the bottom.
+    if which == "principal":
+        return n_unsharded - rank, n_unsharded
+    lo = n_unsharded - n_nonzero
+    return lo, lo + rank
+
+
+def _oriented(local: torch.Tensor, shard_dim: int) -> torch.Tensor:
+    """The shard with the sharded side as rows: W_t for column-, W_t^T for row-parallel."""
+    return local if shard_dim == 0 else local.t()
+
+
+def _extract_gram(w: ShardedWeight, rank: int, which: Which, group, owner: int) -> Subspace:
+    tp_size, tp_rank = _world(group)
+    x = _oriented(w.local, w.shard_dim).to(torch.float64)  # (n_sharded_local, n_unsharded)
+    n_unsharded = x.shape[1]
+    n_nonzero = min(x.shape[0] * tp_size, n_unsharded)
+    is_owner = tp_rank == owner
+    src = _global_rank(group, owner)
+
+    gram = x.t() @ x
+    if tp_size > 1:
+        dist.reduce(gram, dst=src, group=group)
+    basis = torch.empty(n_unsharded, rank, dtype=torch.float64, device=x.device)
+    if is_owner:
+        lo, hi = _selection(n_unsharded, n_nonzero, rank, which)
+        vals, vecs = _eigh_range(gram, lo, hi)
+        basis.copy_(vecs.to(basis.device))
+        sigma_max_sq = float(gram.diagonal().sum()) if which == "minor" else float(vals[-1])
+    del gram
+    if tp_size > 1:
+        dist.broadcast(basis, src=src, group=group)
+
+    # Rayleigh-Ritz on the projected shard: singular values from W itself, not its square.
+    proj = x @ basis  # (n_sharded_local, r): this rank's rows of (U Sigma)
+    small = proj.t() @ proj
+    if tp_size > 1:
+        dist.reduce(small, dst=src, group=group)
+    # packet: [rotation (r x r) | sigma (r) | floor]
+    packet = torch.empty(rank, rank + 2, dtype=torch.float64, device=x.device)
+    if is_owner:
+        mu, rot = torch.linalg.eigh(small)
+        mu, rot = mu.flip(0), rot.flip(1)  # descending
+        rotated = basis @ rot
+        rot = rot * _sign_fix(rotated)
+        # trace(G) >= sigma_max^2 is a cheap, safe upper bound for the resolution floor.
+        floor = n_unsharded * _EPS64 * max(sigma_max_sq, 0.0) ** 0.5
+        sigma = mu.clamp_min(0).sqrt()
+        packet[:, :rank] = rot
+        packet[:, rank] = torch.where(sigma <= floor, torch.zeros_like(sigma), sigma)
+        packet[:, rank + 1] = floor
+    if tp_size > 1:
+        dist.broadcast(packet, src=src, group=group)
+    rot, sigma = packet[:, :rank], packet[:, rank]
+    degenerate = sigma == 0
+    unsharded_vecs = basis @ rot
+    derived = (proj @ rot) / torch.where(degenerate, 1.0, sigma)
+    derived[:, degenerate] = 0.0
+    if w.shard_dim == 0:
+        return Subspace(w.name, sigma, derived, unsharded_vecs, 0, degenerate)
+    return Subspace(w.name, sigma, unsharded_vecs, derived, 1, degenerate)
+
+
+def _extract_exact(w: ShardedWeight, rank: int, which: Which, group) -> Subspace:
+    """Reference: gather the whole matrix and take a float64 SVD. Tests/debugging only."""
+    tp_size, tp_rank = _world(group)
+    x = _oriented(w.local, w.shard_dim).to(torch.float64)
+    if tp_size > 1:
+        parts = [torch.empty_like(x) for _ in range(tp_size)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        full = torch.cat(parts, 0)
+    else:
+        full = x
+    u, s_all, vh = torch.linalg.svd(full, full_matrices=False)
+    n = s_all.numel()
+    sel = slice(0, rank) if which == "principal" else slice(n - rank, n)
+    u, s, v = u[:, sel], s_all[sel], vh[sel].t()
+    signs = _sign_fix(v)
+    u, v = u * signs, v * signs
+    rows = x.shape[0]
+    u_local = u[tp_rank * rows : (tp_rank + 1) * rows].clone()
+    degenerate = s <= full.shape[1] * _EPS64 * float(s_all[0])
+    s = torch.where(degenerate, torch.zeros_like(s), s)
+    u_local[:, degenerate] = 0.0
+    if w.shard_dim == 0:
+        return Subspace(w.name, s, u_local, v, 0, degenerate)
+    return Subspace(w.name, s, v, u_local, 1, degenerate)
+
+
+def extract_subspaces(
+    weights: Sequence[ShardedWeight],
+    rank: int,
+    which: Which,
+    tp_group=None,
+    dp_group=None,
+    backend: Literal["gram", "exact"] = "gram",
+    progress: bool = False,
+) -> list[Subspace]:
+    """r singular triplets for each weight, every TP rank receiving its own view.
+
+    Collective over ``tp_group`` (and ``dp_group`` when given): every rank of both must call
+    it with the same list of weights in the same order.
+    """
+    tp_size, _ = _world(tp_group)
+    dp_size, dp_rank = _world(dp_group)
+    for w in weights:
+        if w.local.dim() != 2 or w.shard_dim not in (0, 1):
+            raise ValueError(f"{w.name}: expected a 2-D shard with shard_dim 0 or 1")
+        check_rank(w, rank, tp_size)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(weights), desc=f"{which} subspaces (r={rank})", unit="matrix")
+    results: list[Subspace | None] = [None] * len(weights)
+    for i, w in enumerate(weights):
+        if i % dp_size != dp_rank:
+            continue
+        owner = (i // dp_size) % tp_size
+        if backend == "exact":
+            results[i] = _extract_exact(w, rank, which, tp_group)
+        elif backend == "gram":
+            results[i] = _extract_gram(w, rank, which, tp_group, owner)
+        else:
+            raise ValueError(f"unknown subspace backend {backend!r} (expected 'gram' or 'exact')")
+        if bar is not None:
+            bar.update(dp_size)
+    if dp_size > 1:
+        results = _share_over_replicas(weights, results, rank, dp_group)
+    if bar is not None:
+        bar.close()
+    return results  # type: ignore[return-value]
+
+
+def _share_over_replicas(weights, results, rank, dp_group) -> list[Subspace]:
+    """Each replica computed a disjoint set of matrices; hand every replica all of them.
+
+    Per matrix, the replica that computed it broadcasts this TP rank's r-wide factors.
+    """
+    dp_size, _ = _world(dp_group)
+    shared = []
+    for i, w in enumerate(weights):
+        src = _global_rank(dp_group, i % dp_size)
+        x = _oriented(w.local, w.shard_dim)
+        n_sharded_local, n_unsharded = x.shape
+        packet = torch.empty(n_sharded_local + n_unsharded + 2, rank, dtype=torch.float64, device=x.device)
+        mine = results[i]
+        if mine is not None:
+            packet[:n_sharded_local] = mine.derived
+            packet[n_sharded_local:-2] = mine.v if w.shard_dim == 0 else mine.u
+            packet[-2] = mine.sigma
+            packet[-1] = mine.degenerate.to(torch.float64)
+        dist.broadcast(packet, src=src, group=dp_group)
+        derived, unsharded = packet[:n_sharded_local], packet[n_sharded_local:-2]
+        sigma, degenerate = packet[-2].clone(), packet[-1].bool()
+        if w.shard_dim == 0:
+            shared.append(Subspace(w.name, sigma, derived, unsharded, 0, degenerate))
+        else:
+            shared.append(Subspace(w.name, sigma, unsharded, derived, 1, degenerate))
+    return shared
+
+
+def left_orthonormal(sub: Subspace, tp_group=None, seed: int = 0) -> torch.Tensor:
+    """This rank's rows of an exactly orthonormal U (needed where U itself is the factor).
+
+    When U was derived locally (rows sharded) it is re-orthonormalised with a distributed
+    CholeskyQR2 (only r x r matrices travel); degenerate columns (sigma == 0, where U is not
+    determined by W) are first filled with a seeded vector that is the same at any TP size.
+    Columns are kept in order, so each non-degenerate column stays in its own direction.
+    """
+    if sub.shard_dim == 1:
+        return sub.u  # U came from the eigensolver: orthonormal already
+    tp_size, tp_rank = _world(tp_group)
+    u = sub.u.clone()
+    if bool(sub.degenerate.any()):
+        rows = u.shape[0]
+        gen = torch.Generator().manual_seed(seed)
+        filler = torch.randn(rows * tp_size, int(sub.degenerate.sum()), generator=gen, dtype=torch.float64)
+        u[:, sub.degenerate] = filler[tp_rank * rows : (tp_rank + 1) * rows].to(u.device)
+    for _ in range(2):  # CholeskyQR2: the second pass restores orthogonality to eps
+        gram = u.t() @ u
+        if tp_size > 1:
+            dist.all_reduce(gram, group=tp_group)
+        chol = torch.linalg.cholesky(gram)
+        u = torch.linalg.solve_triangular(chol, u.t(), upper=False).t()
+    return u
