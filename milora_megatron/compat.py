@@ -121,6 +121,16 @@ def apply() -> bool:
         return _APPLIED
     torch_on_cpu = _TorchOnCpu()
     for module_name in (
+        "megatron.core.models.common.embeddings.rotary_pos_embedding",
+        "megatron.core.models.gpt.gpt_model",
+        "megatron.core.transformer.attention",
+        "megatron.core.transformer.dot_product_attention",
+        "megatron.core.transformer.transformer_layer",
+        "megatron.core.tensor_parallel.mappings",
+        "megatron.core.tensor_parallel.layers",
+        "megatron.core.tensor_parallel.utils",
+        "megatron.core.tensor_parallel.data",
+        "megatron.core.utils",
         "megatron.core.pipeline_parallel.schedules",
         "megatron.core.pipeline_parallel.p2p_communication",
         "megatron.core.dist_checkpointing.strategies.torch",

@@ -9,11 +9,11 @@ Grams. So, per matrix:
    owner rank (owners round-robin over the TP ranks, matrices round-robin over the
    data-parallel replicas, so eigensolves are split, never repeated);
 2. the owner solves only the r wanted eigenpairs and broadcasts the r-wide basis;
-3. every rank projects its own shard onto it (``P_t = W_t V``, r-wide) and an r x r
-   Rayleigh-Ritz step on ``P^T P`` (summed over ranks, solved by the owner) fixes the
-   singular values and the basis inside the subspace. This works on W itself rather than
-   on its square, so the smallest singular values come out accurate to ~1e-12 relative
-   instead of the Gram's ~eps * cond^2.
+3. every rank projects its own shard onto it (``P_t = W_t V``, r-wide); a Rayleigh-Ritz
+   step (a TSQR of P: each rank's r x r R factor is gathered by the owner, whose small
+   SVD gives the rotation) fixes the singular values and the basis inside the subspace.
+   This works on W itself rather than on its square, so the smallest singular values come
+   out accurate to ~1e-13 relative instead of the Gram's ~eps * cond^2.
 
 No rank ever sees another rank's shard of W: only Grams of the unsharded side (summed),
 r-wide bases and r x r matrices travel. ``backend="exact"`` instead gathers the whole
@@ -156,21 +156,26 @@ def _extract_gram(w: ShardedWeight, rank: int, which: Which, group, owner: int) 
     if tp_size > 1:
         dist.broadcast(basis, src=src, group=group)
 
-    # Rayleigh-Ritz on the projected shard: singular values from W itself, not its square.
+    # Rayleigh-Ritz on the projected shard, through a TSQR so nothing is squared again:
+    # each rank's r x r R factor goes to the owner, whose small SVD gives the singular
+    # values of W V itself (zeros come out as ~eps * sigma_max, not sqrt(eps)).
     proj = x @ basis  # (n_sharded_local, r): this rank's rows of (U Sigma)
-    small = proj.t() @ proj
+    r_local = torch.zeros(rank, rank, dtype=torch.float64, device=x.device)
+    r_fact = torch.linalg.qr(proj, mode="r").R
+    r_local[: r_fact.shape[0]] = r_fact
     if tp_size > 1:
-        dist.reduce(small, dst=src, group=group)
+        stack = [torch.empty_like(r_local) for _ in range(tp_size)] if is_owner else None
+        dist.gather(r_local, stack, dst=src, group=group)
+    else:
+        stack = [r_local]
     # packet: [rotation (r x r) | sigma (r) | floor]
     packet = torch.empty(rank, rank + 2, dtype=torch.float64, device=x.device)
     if is_owner:
-        mu, rot = torch.linalg.eigh(small)
-        mu, rot = mu.flip(0), rot.flip(1)  # descending
-        rotated = basis @ rot
-        rot = rot * _sign_fix(rotated)
+        _, sigma, rot_h = torch.linalg.svd(torch.cat(stack), full_matrices=False)  # descending
+        rot = rot_h.t()
+        rot = rot * _sign_fix(basis @ rot)
         # trace(G) >= sigma_max^2 is a cheap, safe upper bound for the resolution floor.
         floor = n_unsharded * _EPS64 * max(sigma_max_sq, 0.0) ** 0.5
-        sigma = mu.clamp_min(0).sqrt()
         packet[:, :rank] = rot
         packet[:, rank] = torch.where(sigma <= floor, torch.zeros_like(sigma), sigma)
         packet[:, rank + 1] = floor
@@ -212,6 +217,7 @@ def _extract_exact(w: ShardedWeight, rank: int, which: Which, group) -> Subspace
     return Subspace(w.name, s, v, u_local, 1, degenerate)
 
 
+@torch.no_grad()
 def extract_subspaces(
     weights: Sequence[ShardedWeight],
     rank: int,
@@ -286,6 +292,7 @@ def _share_over_replicas(weights, results, rank, dp_group) -> list[Subspace]:
     return shared
 
 
+@torch.no_grad()
 def left_orthonormal(sub: Subspace, tp_group=None, seed: int = 0) -> torch.Tensor:
     """This rank's rows of an exactly orthonormal U (needed where U itself is the factor).
 

@@ -77,6 +77,7 @@ def apply_adapters(model_chunks, cfg: AdapterConfig, tp_group=None, dp_group=Non
     return targets
 
 
+@torch.no_grad()
 def initialise_adapters(targets: list[AdaptedTarget], cfg: AdapterConfig, tp_group=None, dp_group=None,
                         progress: bool = False) -> None:
     """Give each adapted target its method's initial factors (collective, see apply_adapters)."""
