@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-SHAPE = dict(layers=2, hidden=64, heads=4, groups=2, ffn=96, vocab=128)
+SHAPE = dict(layers=2, hidden=64, heads=8, groups=4, ffn=96, vocab=128)
 
 
 def spectral_matrix(out: int, inp: int, cond: float, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
@@ -43,7 +43,7 @@ def transformer_config(tp: int = 1, pp: int = 1, sp: bool = False, **shape):
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp,
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, normalization="RMSNorm",
         use_cpu_initialization=True, gradient_accumulation_fusion=False, hidden_dropout=0.0,
-        attention_dropout=0.0, params_dtype=torch.float32, bias_dropout_fusion=False,
+        attention_dropout=0.0, params_dtype=torch.float32, pipeline_dtype=torch.float32, bias_dropout_fusion=False,
         apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
     )
 
