@@ -13,7 +13,7 @@ RANK = 4
 def _model_worker(methods, residuals):
     from megatron.core import parallel_state as ps
 
-    from milora_megatron.adapters import AdapterConfig, apply_adapters
+    from milora_megatron.adapters import AdapterConfig, adapters_disabled, apply_adapters
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -27,15 +27,23 @@ def _model_worker(methods, residuals):
             before = logits(model, tokens) if pp == 1 else None
             cfg = AdapterConfig(method=method, rank=RANK, alpha=2 * RANK, residual=residual, targets=ALL_TARGETS)
             targets = apply_adapters(model, cfg, ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group())
-            with torch.no_grad():
-                change = (logits(model, tokens) - before).abs().max().item() if pp == 1 else None
             factors = {
                 t.name: (t.shard_dim, t.module.adapters[t.target].lora_A.detach().clone(),
                          t.module.adapters[t.target].lora_B.detach().clone())
                 for t in targets
             }
+            with torch.no_grad():
+                change = (logits(model, tokens) - before).abs().max().item() if pp == 1 else None
+                if pp == 1:
+                    # The adapted model minus its adapters is the base model (both residual modes):
+                    # shift the adapters' A so their own delta is not zero, then switch them off.
+                    for t in targets:
+                        t.module.adapters[t.target].lora_A.add_(0.1)
+                    with adapters_disabled(model):
+                        base_change = (logits(model, tokens) - before).abs().max().item()
             trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
             out[(method, residual)] = {"change": change, "factors": factors, "trainable": trainable,
+                                       "base_change": base_change if pp == 1 else None,
                                        "scale": before.abs().max().item() if before is not None else None,
                                        "last": last}
     return out
@@ -77,6 +85,7 @@ def test_factors_equal_tp1_and_output_unchanged(tp1, tp):
             else:
                 assert change <= 1e-6 * scale, key  # fp32 rounding of W - s*B0*A0
             assert all(".adapters." in n for n in r[key]["trainable"])
+            assert r[key]["base_change"] <= 1e-6 * scale, key
     trainable = tp1[0][("mica", "branch")]["trainable"]
     assert trainable and all(n.endswith("lora_A") for n in trainable)  # MiCA trains A only
 

@@ -113,11 +113,26 @@ class _AdapterHost:
             deltas[name] = d * ad.scaling
         return self.adapter_layout.combine(deltas)
 
+    def base_restoring_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """+s*B0*A0 x for adapters whose residual was merged into W: with it, a disabled
+        adapter gives the original model back in both residual modes."""
+        merged = [(n, ad) for n, ad in self.adapters.items() if ad.lora_A0 is not None and not ad.residual_branch]
+        if not merged:
+            return None
+        h = x @ torch.cat([ad.lora_A0 for _, ad in merged]).t()
+        if self.adapter_shard_dim == 0 and self.sequence_parallel and self._tp_size > 1:
+            h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=self.tp_group)
+        hs = torch.split(h, [ad.lora_A0.shape[0] for _, ad in merged], dim=-1)
+        return self.adapter_layout.combine(
+            {n: ad.scaling * (h_i @ ad.lora_B0.t()) for (n, ad), h_i in zip(merged, hs)}
+        )
+
     def _forward_impl(self, input, weight, *args, **kwargs):
         out = super()._forward_impl(input, weight, *args, **kwargs)
-        if not self.adapters_enabled or len(self.adapters) == 0:
+        if len(self.adapters) == 0:
             return out
-        return out + self.adapter_delta(input).to(out.dtype)
+        delta = self.adapter_delta(input) if self.adapters_enabled else self.base_restoring_delta(input)
+        return out if delta is None else out + delta.to(out.dtype)
 
 
 class AdaptedColumnParallelLinear(_AdapterHost, ColumnParallelLinear):
