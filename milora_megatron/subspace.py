@@ -138,6 +138,11 @@ def _oriented(local: torch.Tensor, shard_dim: int) -> torch.Tensor:
 def _extract_gram(w: ShardedWeight, rank: int, which: Which, group, owner: int) -> Subspace:
     tp_size, tp_rank = _world(group)
     x = _oriented(w.local, w.shard_dim).to(torch.float64)  # (n_sharded_local, n_unsharded)
+    # Unsharded (TP=1), either side may hold the Gram: take the smaller one (k_proj 1024 x 4096:
+    # a 1024^2 eigenproblem instead of 4096^2). The sign convention stays on the usual side.
+    flip = tp_size == 1 and x.shape[0] < x.shape[1]
+    if flip:
+        x = x.t()
     n_unsharded = x.shape[1]
     n_nonzero = min(x.shape[0] * tp_size, n_unsharded)
     is_owner = tp_rank == owner
@@ -186,6 +191,9 @@ def _extract_gram(w: ShardedWeight, rank: int, which: Which, group, owner: int) 
     unsharded_vecs = basis @ rot
     derived = (proj @ rot) / torch.where(degenerate, 1.0, sigma)
     derived[:, degenerate] = 0.0
+    if flip:
+        signs = _sign_fix(derived)
+        unsharded_vecs, derived = derived * signs, unsharded_vecs * signs
     if w.shard_dim == 0:
         return Subspace(w.name, sigma, derived, unsharded_vecs, 0, degenerate)
     return Subspace(w.name, sigma, unsharded_vecs, derived, 1, degenerate)
@@ -301,11 +309,13 @@ def left_orthonormal(sub: Subspace, tp_group=None, seed: int = 0) -> torch.Tenso
     determined by W) are first filled with a seeded vector that is the same at any TP size.
     Columns are kept in order, so each non-degenerate column stays in its own direction.
     """
-    if sub.shard_dim == 1:
+    degenerate = bool(sub.degenerate.any())
+    if sub.shard_dim == 1 and not degenerate:
         return sub.u  # U came from the eigensolver: orthonormal already
-    tp_size, tp_rank = _world(tp_group)
+    # Only a row-sharded U needs the TP group; a replicated U is completed identically everywhere.
+    tp_size, tp_rank = _world(tp_group) if sub.shard_dim == 0 else (1, 0)
     u = sub.u.clone()
-    if bool(sub.degenerate.any()):
+    if degenerate:
         rows = u.shape[0]
         gen = torch.Generator().manual_seed(seed)
         filler = torch.randn(rows * tp_size, int(sub.degenerate.sum()), generator=gen, dtype=torch.float64)

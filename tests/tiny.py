@@ -33,33 +33,26 @@ def hf_layer_weights(seed: int = 0, cond: float = 1e3, **shape) -> list[dict[str
 
 
 def transformer_config(tp: int = 1, pp: int = 1, sp: bool = False, **shape):
-    import torch.nn.functional as F
-    from megatron.core.transformer import TransformerConfig
+    from milora_megatron.models.llama import LlamaShape
+    from milora_megatron.models.llama import transformer_config as make
 
     s = {**SHAPE, **shape}
-    return TransformerConfig(
-        num_layers=s["layers"], hidden_size=s["hidden"], num_attention_heads=s["heads"],
-        num_query_groups=s["groups"], ffn_hidden_size=s["ffn"], kv_channels=s["hidden"] // s["heads"],
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, normalization="RMSNorm",
-        use_cpu_initialization=True, gradient_accumulation_fusion=False, hidden_dropout=0.0,
-        attention_dropout=0.0, params_dtype=torch.float32, pipeline_dtype=torch.float32, bias_dropout_fusion=False,
-        apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
-    )
+    return make(LlamaShape(layers=s["layers"], hidden=s["hidden"], heads=s["heads"], kv_heads=s["groups"],
+                           ffn=s["ffn"], vocab=s["vocab"]), tp=tp, pp=pp, sp=sp)
 
 
 def build_gpt(weights, tp: int, sp: bool = False, pp: int = 1):
     """A GPTModel (local spec) on this rank with ``weights`` loaded into its TP shards."""
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from milora_megatron.convert.layout import col_shard, fc1_shard, qkv_shard
+    from milora_megatron.models.llama import LlamaShape
+    from milora_megatron.models.llama import build_gpt as build
 
     cfg = transformer_config(tp=tp, sp=sp, pp=pp, layers=len(weights))
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-                     vocab_size=SHAPE["vocab"], max_sequence_length=64, position_embedding_type="rope",
-                     pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    shape = LlamaShape(layers=len(weights), hidden=SHAPE["hidden"], heads=SHAPE["heads"], kv_heads=SHAPE["groups"],
+                       ffn=SHAPE["ffn"], vocab=SHAPE["vocab"])
+    model = build(shape, cfg)
     rank = ps.get_tensor_model_parallel_rank()
     with torch.no_grad():
         for layer in model.decoder.layers:

@@ -1,0 +1,1 @@
+"""Llama-family model construction on megatron-core."""
