@@ -21,10 +21,11 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# Foundation demo: MiLoRA on a tiny Llama-shaped megatron model, TP=2 over gloo on CPU.
 demo: $(STAMP)
-	$(PY) launch/demo.py
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node 2 launch/demo_adapters.py --method milora
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_subspace_init.py
