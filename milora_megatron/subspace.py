@@ -156,7 +156,9 @@ def _extract_gram(w: ShardedWeight, rank: int, which: Which, group, owner: int) 
         lo, hi = _selection(n_unsharded, n_nonzero, rank, which)
         vals, vecs = _eigh_range(gram, lo, hi)
         basis.copy_(vecs.to(basis.device))
-        sigma_max_sq = float(gram.diagonal().sum()) if which == "minor" else float(vals[-1])
+        # An upper bound of sigma_max^2 for the resolution floor: trace(G) for the minor
+        # end (its top eigenvalue was not computed), the top eigenvalue otherwise.
+        top_sq = float(gram.diagonal().sum()) if which == "minor" else float(vals[-1])
     del gram
     if tp_size > 1:
         dist.broadcast(basis, src=src, group=group)
@@ -173,17 +175,14 @@ def _extract_gram(w: ShardedWeight, rank: int, which: Which, group, owner: int) 
         dist.gather(r_local, stack, dst=src, group=group)
     else:
         stack = [r_local]
-    # packet: [rotation (r x r) | sigma (r) | floor]
-    packet = torch.empty(rank, rank + 2, dtype=torch.float64, device=x.device)
+    packet = torch.empty(rank, rank + 1, dtype=torch.float64, device=x.device)  # [rotation | sigma]
     if is_owner:
         _, sigma, rot_h = torch.linalg.svd(torch.cat(stack), full_matrices=False)  # descending
         rot = rot_h.t()
         rot = rot * _sign_fix(basis @ rot)
-        # trace(G) >= sigma_max^2 is a cheap, safe upper bound for the resolution floor.
-        floor = n_unsharded * _EPS64 * max(sigma_max_sq, 0.0) ** 0.5
+        floor = n_unsharded * _EPS64 * max(top_sq, 0.0) ** 0.5
         packet[:, :rank] = rot
         packet[:, rank] = torch.where(sigma <= floor, torch.zeros_like(sigma), sigma)
-        packet[:, rank + 1] = floor
     if tp_size > 1:
         dist.broadcast(packet, src=src, group=group)
     rot, sigma = packet[:, :rank], packet[:, rank]
