@@ -26,7 +26,6 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8, help="adapter rank r")
     parser.add_argument("--alpha", type=float, default=None, help="adapter alpha (default: rank)")
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: all ranks)")
-    parser.add_argument("--sp", action="store_true", help="sequence parallelism (needs tp > 1)")
     parser.add_argument("--steps", type=int, default=30, help="training steps")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     parser.add_argument("--seed", type=int, default=1234, help="seed for weights, data and LoRA's A")
@@ -48,7 +47,7 @@ def main() -> None:
     say = print if rank == 0 else (lambda *a, **k: None)
 
     shape = LlamaShape(layers=2, hidden=128, heads=8, kv_heads=4, ffn=256, vocab=256)
-    model = build_gpt(shape, transformer_config(shape, tp=tp, sp=args.sp))
+    model = build_gpt(shape, transformer_config(shape, tp=tp))
     seq, batch = 32, 8
     gen = torch.Generator().manual_seed(args.seed)
     # Synthetic task: each sequence repeats a random 8-token motif; the model must learn to copy.
@@ -71,7 +70,7 @@ def main() -> None:
     with torch.no_grad():
         init_loss = loss_fn().item()
     params = [p for p in model.parameters() if p.requires_grad]
-    say(f"[demo] world={world} tp={tp} sp={args.sp} method={cfg.method} r={cfg.rank} alpha={cfg.alpha}")
+    say(f"[demo] world={world} tp={tp} method={cfg.method} r={cfg.rank} alpha={cfg.alpha}")
     say(f"[demo] adapted {len(targets)} projections in {init_s:.2f} s; "
         f"trainable params per rank: {sum(p.numel() for p in params):,}")
     say(f"[demo] loss before adapters {base_loss:.6f}, after init {init_loss:.6f} "
