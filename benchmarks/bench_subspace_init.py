@@ -102,9 +102,7 @@ def residual_modes(n: int, rank: int, cond: float) -> list[tuple[str, float]]:
 
     from milora_megatron import compat
     from milora_megatron.adapters import AdapterConfig
-    from milora_megatron.adapters.apply import AdaptedTarget, initialise_adapters
-    from milora_megatron.adapters.layer import adapt_in_place
-    from milora_megatron.adapters.targets import Layout
+    from milora_megatron.adapters.apply import adapt_linear
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -127,10 +125,7 @@ def residual_modes(n: int, rank: int, cond: float) -> list[tuple[str, float]]:
         with torch.no_grad():
             layer.weight.copy_(w)
             base, _ = layer(x)
-        layout = Layout(1, (("q_proj", n),))
-        adapt_in_place(layer, layout, 0.0)
-        initialise_adapters([AdaptedTarget("q_proj", "q_proj", layer, layout, 0)],
-                            AdapterConfig(method="milora", rank=rank, residual=mode, targets=["q_proj"]))
+        adapt_linear(layer, "q_proj", AdapterConfig(method="milora", rank=rank, residual=mode, targets=["q_proj"]))
         with torch.no_grad():
             out, _ = layer(x)
         rel = ((out.float() - base.float()).norm() / base.float().norm()).item()

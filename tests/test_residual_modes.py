@@ -13,9 +13,7 @@ def _worker(method, residual):
     from megatron.core.transformer import TransformerConfig
 
     from milora_megatron.adapters import AdapterConfig
-    from milora_megatron.adapters.apply import AdaptedTarget, initialise_adapters
-    from milora_megatron.adapters.layer import adapt_in_place
-    from milora_megatron.adapters.targets import Layout
+    from milora_megatron.adapters.apply import adapt_linear
 
     cfg = TransformerConfig(num_layers=1, hidden_size=N, num_attention_heads=4, use_cpu_initialization=True,
                             params_dtype=torch.bfloat16, bf16=True, gradient_accumulation_fusion=False)
@@ -26,10 +24,7 @@ def _worker(method, residual):
     with torch.no_grad():
         layer.weight.copy_(w)
         base, _ = layer(x)
-    layout = Layout(1, (("q_proj", N),))
-    adapt_in_place(layer, layout, 0.0)
-    initialise_adapters([AdaptedTarget("q_proj", "q_proj", layer, layout, 0)],
-                        AdapterConfig(method=method, rank=RANK, residual=residual, targets=["q_proj"]))
+    adapt_linear(layer, "q_proj", AdapterConfig(method=method, rank=RANK, residual=residual, targets=["q_proj"]))
     with torch.no_grad():
         out, _ = layer(x)
     return {"rel": ((out.float() - base.float()).norm() / base.float().norm()).item(),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..subspace import ShardedWeight, check_rank, extract_subspaces
+from ..subspace import ShardedWeight, check_rank, extract_subspaces, full_shape
 from .config import AdapterConfig
 from .layer import TargetAdapter, adapt_in_place
 from .targets import HF_MODULE_PREFIX, MODULE_OF_TARGET, Layout, layout_for
@@ -95,14 +95,27 @@ def initialise_adapters(targets: list[AdaptedTarget], cfg: AdapterConfig, tp_gro
         )
 
     for t, w, sub in zip(targets, sharded, subspaces):
-        local_shape = tuple(w.local.shape)
-        full_shape = (local_shape[0] * tp_size, local_shape[1]) if t.shard_dim == 0 else (local_shape[0], local_shape[1] * tp_size)
         ctx = InitContext(
-            name=t.name, shard_dim=t.shard_dim, local_shape=local_shape, full_shape=full_shape,
+            name=t.name, shard_dim=t.shard_dim, local_shape=tuple(w.local.shape), full_shape=full_shape(w, tp_size),
             rank=cfg.rank, scaling=cfg.scaling, tp_rank=tp_rank, tp_size=tp_size,
             tp_group=tp_group, seed=cfg.seed, subspace=sub,
         )
         _install(t, variant.init(ctx), cfg)
+
+
+def adapt_linear(module, target: str, cfg: AdapterConfig, tp_group=None, name: str | None = None) -> AdaptedTarget:
+    """Adapt one standalone megatron linear as a single (unfused) HF target and initialise it.
+
+    For custom models, tests and benchmarks; GPT models go through ``apply_adapters``.
+    """
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    layout = Layout(1, ((target, module.weight.shape[0]),))
+    adapt_in_place(module, layout, cfg.dropout)
+    shard_dim = 0 if isinstance(module, ColumnParallelLinear) else 1
+    adapted = AdaptedTarget(name or target, target, module, layout, shard_dim)
+    initialise_adapters([adapted], cfg, tp_group)
+    return adapted
 
 
 def _install(t: AdaptedTarget, factors, cfg: AdapterConfig) -> None:
