@@ -71,6 +71,13 @@ class Subspace:
         return self.u if self.shard_dim == 0 else self.v
 
 
+def _from_sides(name, sigma, derived, unsharded, shard_dim, degenerate) -> Subspace:
+    """Place the locally derived (sharded-side) and the replicated vectors as U and V."""
+    if shard_dim == 0:
+        return Subspace(name, sigma, derived, unsharded, 0, degenerate)
+    return Subspace(name, sigma, unsharded, derived, 1, degenerate)
+
+
 def _world(group) -> tuple[int, int]:
     if group is None or not dist.is_initialized():
         return 1, 0
@@ -193,9 +200,7 @@ def _extract_gram(w: ShardedWeight, rank: int, which: Which, group, owner: int) 
     if flip:
         signs = _sign_fix(derived)
         unsharded_vecs, derived = derived * signs, unsharded_vecs * signs
-    if w.shard_dim == 0:
-        return Subspace(w.name, sigma, derived, unsharded_vecs, 0, degenerate)
-    return Subspace(w.name, sigma, unsharded_vecs, derived, 1, degenerate)
+    return _from_sides(w.name, sigma, derived, unsharded_vecs, w.shard_dim, degenerate)
 
 
 def _extract_exact(w: ShardedWeight, rank: int, which: Which, group) -> Subspace:
@@ -219,9 +224,7 @@ def _extract_exact(w: ShardedWeight, rank: int, which: Which, group) -> Subspace
     degenerate = s <= full.shape[1] * _EPS64 * float(s_all[0])
     s = torch.where(degenerate, torch.zeros_like(s), s)
     u_local[:, degenerate] = 0.0
-    if w.shard_dim == 0:
-        return Subspace(w.name, s, u_local, v, 0, degenerate)
-    return Subspace(w.name, s, v, u_local, 1, degenerate)
+    return _from_sides(w.name, s, u_local, v, w.shard_dim, degenerate)
 
 
 @torch.no_grad()
@@ -292,10 +295,7 @@ def _share_over_replicas(weights, results, rank, dp_group) -> list[Subspace]:
         dist.broadcast(packet, src=src, group=dp_group)
         derived, unsharded = packet[:n_sharded_local], packet[n_sharded_local:-2]
         sigma, degenerate = packet[-2].clone(), packet[-1].bool()
-        if w.shard_dim == 0:
-            shared.append(Subspace(w.name, sigma, derived, unsharded, 0, degenerate))
-        else:
-            shared.append(Subspace(w.name, sigma, unsharded, derived, 1, degenerate))
+        shared.append(_from_sides(w.name, sigma, derived, unsharded, w.shard_dim, degenerate))
     return shared
 
 
