@@ -114,6 +114,25 @@ def _causal_mask_cpu(sq, skv=None):
     return torch.triu(torch.ones(sq, skv, dtype=torch.bool), diagonal=1 + skv - sq)
 
 
+def _patch_tied_embedding_setup() -> None:
+    """Tied embeddings with PP>1: megatron moves the last stage's copy with ``Tensor.cuda()``
+    before all-reducing it from the first stage; on CPU that call is made a no-op."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    @functools.wraps(original)
+    def setup(self):
+        saved = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
+        try:
+            return original(self)
+        finally:
+            torch.Tensor.cuda = saved
+
+    LanguageModule.setup_embeddings_and_output_layer = setup
+
+
 def apply() -> bool:
     """Adapt megatron-core for CPU when no GPU is present. Idempotent; returns True if applied."""
     global _APPLIED
@@ -154,6 +173,7 @@ def apply() -> bool:
     mp_random._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     tf_utils.get_default_causal_mask = _causal_mask_cpu
+    _patch_tied_embedding_setup()
     _APPLIED = True
     return True
 

@@ -71,9 +71,8 @@ def causal_mask(seq: int) -> torch.Tensor:
 
 def logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """Full-vocab logits (gathered over TP), [batch, seq, vocab]."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    from milora_megatron.models.llama import gather_logits
 
     seq = tokens.shape[1]
     pos = torch.arange(seq).unsqueeze(0).expand_as(tokens)
-    out = model(tokens, pos, causal_mask(seq))
-    return gather_from_tensor_model_parallel_region(out)
+    return gather_logits(model, model(tokens, pos, causal_mask(seq)))

@@ -1,14 +1,21 @@
-"""A Llama-shaped megatron-core GPTModel on the torch-native local spec (no TE, no apex).
+"""Llama-family models (Llama 2, 3, 3.1, 3.2) as megatron-core GPTModels, from an HF config.
 
-Only explicit shapes for now; building from an HF ``config.json`` (rope scaling, tied
-embeddings, vocabulary padding) is the converter issue's work.
+What the HF ``config.json`` says and megatron has no flag for is handled here: the
+``llama3`` rope scaling (the inverse frequencies come from transformers itself), tied
+embeddings, and the vocabulary padding to a multiple of 128 x TP, which stays invisible:
+padded rows are zero and their logits are masked to the dtype's minimum, so softmax and
+loss see exactly the real vocabulary.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+VOCAB_PAD_MULTIPLE = 128
 
 
 @dataclass
@@ -19,8 +26,59 @@ class LlamaShape:
     kv_heads: int = 4
     ffn: int = 96
     vocab: int = 128
-    max_seq: int = 256
+    head_dim: int | None = None  # None: hidden // heads
+    max_seq: int = 4096
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF rope parameters of type "llama3"
+    rms_eps: float = 1e-5
+    tied: bool = False
+    hf_config: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "LlamaShape":
+        """Validate an HF ``config.json`` (as a dict) and read the shape from it."""
+        archs = cfg.get("architectures") or []
+        if cfg.get("model_type") != "llama" or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
+            raise ValueError(
+                f"unsupported architecture {archs or cfg.get('model_type')!r} (model_type "
+                f"{cfg.get('model_type')!r}); supported: {list(SUPPORTED_ARCHITECTURES)} (model_type 'llama')"
+            )
+        for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+            if cfg.get(key, expected) != expected:
+                raise ValueError(f"unsupported Llama config: {key}={cfg[key]!r} (supported: {expected!r})")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"unsupported rope type {rope_type!r}; supported: {list(SUPPORTED_ROPE_TYPES)}")
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        heads = cfg["num_attention_heads"]
+        kv = cfg.get("num_key_value_heads") or heads
+        if heads % kv:
+            raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+        return cls(
+            layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], heads=heads, kv_heads=kv,
+            ffn=cfg["intermediate_size"], vocab=cfg["vocab_size"], head_dim=cfg.get("head_dim"),
+            max_seq=cfg.get("max_position_embeddings", 4096), rope_theta=float(theta),
+            rope_scaling=rope if rope_type == "llama3" else None, rms_eps=cfg.get("rms_norm_eps", 1e-5),
+            tied=bool(cfg.get("tie_word_embeddings", False)), hf_config=dict(cfg),
+        )
+
+    def check_parallel(self, tp: int, pp: int) -> None:
+        for n, what in ((self.heads, "attention heads"), (self.kv_heads, "KV heads (query groups)"),
+                        (self.ffn, "FFN size (intermediate_size)")):
+            if n % tp:
+                raise ValueError(f"TP size {tp} does not divide the {n} {what}")
+        if self.layers % pp:
+            raise ValueError(f"PP size {pp} does not divide the {self.layers} layers")
+
+
+def padded_vocab(vocab: int, tp: int) -> int:
+    multiple = VOCAB_PAD_MULTIPLE * tp
+    return -(-vocab // multiple) * multiple
 
 
 def transformer_config(shape: LlamaShape, tp: int = 1, pp: int = 1, sp: bool = False,
@@ -28,31 +86,86 @@ def transformer_config(shape: LlamaShape, tp: int = 1, pp: int = 1, sp: bool = F
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
-    if shape.heads % tp or shape.kv_heads % tp:
-        raise ValueError(f"TP size {tp} must divide the attention heads ({shape.heads}) and KV heads ({shape.kv_heads})")
-    if shape.layers % pp:
-        raise ValueError(f"PP size {pp} does not divide the {shape.layers} layers")
+    shape.check_parallel(tp, pp)
+    if sp and tp == 1:
+        sp = False  # nothing to split
     return TransformerConfig(
         num_layers=shape.layers, hidden_size=shape.hidden, num_attention_heads=shape.heads,
-        num_query_groups=shape.kv_heads, ffn_hidden_size=shape.ffn, kv_channels=shape.hidden // shape.heads,
+        num_query_groups=shape.kv_heads, ffn_hidden_size=shape.ffn, kv_channels=shape.kv_channels,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp,
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, normalization="RMSNorm",
-        use_cpu_initialization=not torch.cuda.is_available(), gradient_accumulation_fusion=False,
-        hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype, pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16, bias_dropout_fusion=False, apply_rope_fusion=False,
-        masked_softmax_fusion=False, persist_layer_norm=False,
+        layernorm_epsilon=shape.rms_eps, use_cpu_initialization=not torch.cuda.is_available(),
+        gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
+        pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False,
     )
 
 
-def build_gpt(shape: LlamaShape, config):
-    """This pipeline stage's GPTModel."""
+def rope_inv_freq(shape: LlamaShape) -> torch.Tensor:
+    """The rotary inverse frequencies exactly as transformers computes them for this config."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rope = dict(shape.rope_scaling or {"rope_type": "default"})
+    rope["rope_theta"] = shape.rope_theta
+    cfg = LlamaConfig(hidden_size=shape.hidden, num_attention_heads=shape.heads, head_dim=shape.kv_channels,
+                      max_position_embeddings=max(shape.max_seq, rope.get("original_max_position_embeddings", 0)),
+                      rope_parameters=rope)
+    emb = LlamaRotaryEmbedding(cfg)
+    if getattr(emb, "attention_scaling", 1.0) != 1.0:
+        raise ValueError(f"rope attention scaling {emb.attention_scaling} is not supported")
+    return emb.inv_freq.to(torch.float32)
+
+
+def build_gpt(shape: LlamaShape, config, spec: str = "local"):
+    """This pipeline stage's GPTModel (``spec``: "local" torch-native, or "te")."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    return GPTModel(
-        config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-        vocab_size=shape.vocab, max_sequence_length=shape.max_seq, position_embedding_type="rope",
-        rotary_base=int(shape.rope_theta), pre_process=ps.is_pipeline_first_stage(),
+    from .layers import RMSNorm, local_layer_spec, te_layer_spec
+
+    if spec == "local":
+        layer = local_layer_spec()
+        block = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=RMSNorm)
+    elif spec == "te":
+        block = te_layer_spec()
+    else:
+        raise ValueError(f"unknown model spec {spec!r}; choose 'local' (torch-native) or 'te' (transformer-engine)")
+    tp = config.tensor_model_parallel_size
+    model = GPTModel(
+        config=config, transformer_layer_spec=block, vocab_size=padded_vocab(shape.vocab, tp),
+        max_sequence_length=shape.max_seq, position_embedding_type="rope", rotary_base=int(shape.rope_theta),
+        share_embeddings_and_output_weights=shape.tied, pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
     )
+    with torch.no_grad():  # in place: megatron keeps inv_freq as a plain attribute
+        model.rotary_pos_emb.inv_freq.copy_(rope_inv_freq(shape))
+    model.rotary_pos_emb.forward.cache_clear()
+    if model.post_process:
+        _mask_padded_logits(model, shape.vocab, ps.get_tensor_model_parallel_rank())
+    model.llama_shape = shape
+    return model
+
+
+def _mask_padded_logits(model, vocab: int, tp_rank: int) -> None:
+    """Padded vocabulary columns of this rank's logits shard get the dtype's minimum."""
+
+    def hook(_module, _inputs, output):
+        logits, bias = output
+        local = logits.shape[-1]
+        start = tp_rank * local
+        if start + local <= vocab:
+            return output
+        keep = (torch.arange(start, start + local, device=logits.device) < vocab)
+        return logits.masked_fill(~keep, torch.finfo(logits.dtype).min), bias
+
+    model.output_layer.register_forward_hook(hook)
+
+
+def gather_logits(model, output: torch.Tensor) -> torch.Tensor:
+    """Full, unpadded logits [batch, seq, vocab] from a last stage's TP-sharded output."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    return gather_from_tensor_model_parallel_region(output)[..., : model.llama_shape.vocab]

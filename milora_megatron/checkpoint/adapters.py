@@ -1,0 +1,183 @@
+"""Adapter checkpoints of a training run: the trained factors (and the initial B0/A0 the
+method subtracts), unsharded, under their Hugging Face module names.
+
+A run folder holds ``checkpoints/step_NNNNNNN/`` and a ``checkpoints/latest`` pointer. Each
+pipeline stage's first tensor-parallel rank writes ``adapter-stageSSS.safetensors``; only
+r-wide factors are gathered over TP to do it. ``adapter.json`` records the method, the step
+and the base checkpoint (path and fingerprint) the run trained on.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import asdict
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .atomic import PARTIAL_SUFFIX, atomic_directory, write_text_atomic
+
+FORMAT = "milora-megatron-adapter"
+VERSION = 1
+META = "adapter.json"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+FACTORS = ("lora_A", "lora_B", "lora_A0", "lora_B0")
+
+
+def step_dir(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, CHECKPOINTS, f"step_{step:07d}")
+
+
+def _split_dim(factor: str, shard_dim: int) -> int | None:
+    """Which dim of a factor is split over TP: column targets split B's rows, row targets A's columns."""
+    if shard_dim == 0:
+        return 0 if factor in ("lora_B", "lora_B0") else None
+    return 1 if factor in ("lora_A", "lora_A0") else None
+
+
+def gather_factors(targets, tp_group=None) -> dict[str, torch.Tensor]:
+    """Full float32 factors of this stage's targets, keyed ``<hf module>.<factor>`` (collective over TP)."""
+    import torch.distributed as dist
+
+    tp = tp_group.size() if tp_group is not None else 1
+    out = {}
+    for t in targets:
+        adapter = t.module.adapters[t.target]
+        for factor in FACTORS:
+            local = getattr(adapter, factor, None)
+            if local is None:
+                continue
+            local = local.detach().float().contiguous()
+            dim = _split_dim(factor, t.shard_dim)
+            if dim is not None and tp > 1:
+                parts = [torch.empty_like(local) for _ in range(tp)]
+                dist.all_gather(parts, local, group=tp_group)
+                local = torch.cat(parts, dim=dim)
+            out[f"{t.name}.{factor}"] = local.clone()
+    return out
+
+
+@torch.no_grad()
+def scatter_factors(targets, tensors: dict[str, torch.Tensor], tp_rank: int = 0, tp_size: int = 1) -> None:
+    """Load full factors (from ``gather_factors``) into this rank's shards."""
+    for t in targets:
+        adapter = t.module.adapters[t.target]
+        for factor in FACTORS:
+            local = getattr(adapter, factor, None)
+            if local is None:
+                continue
+            key = f"{t.name}.{factor}"
+            if key not in tensors:
+                raise KeyError(f"adapter checkpoint lacks {key}")
+            full = tensors[key]
+            dim = _split_dim(factor, t.shard_dim)
+            if dim is not None:
+                full = full.chunk(tp_size, dim=dim)[tp_rank]
+            if tuple(full.shape) != tuple(local.shape):
+                raise ValueError(f"{key}: checkpoint shape {tuple(full.shape)} does not fit {tuple(local.shape)}")
+            local.copy_(full.to(local.dtype))
+
+
+def save_adapter_checkpoint(path: str, targets, peft_config, base, step: int, extra_writer=None) -> None:
+    """Write one checkpoint folder atomically; collective over all ranks.
+
+    ``base`` is the ``BaseCheckpoint`` trained on; ``extra_writer(tmp_dir)``, if given, lets
+    every rank add its own files (optimizer, RNG and data state) before the commit.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    distributed = dist.is_initialized()
+    tp_group = ps.get_tensor_model_parallel_group() if distributed else None
+    factors = gather_factors(targets, tp_group)
+    writer = not distributed or (ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0)
+    stage = ps.get_pipeline_model_parallel_rank() if distributed else 0
+    stages = ps.get_pipeline_model_parallel_world_size() if distributed else 1
+    with atomic_directory(path, overwrite=True, group=dist.group.WORLD if distributed else None) as tmp:
+        if writer:
+            save_file(factors, os.path.join(tmp, f"adapter-stage{stage:03d}.safetensors"))
+        if extra_writer is not None:
+            extra_writer(tmp)
+        if not distributed or dist.get_rank() == 0:
+            meta = {
+                "format": FORMAT, "version": VERSION, "step": step, "peft": asdict(peft_config),
+                "base": {"path": base.path, "fingerprint": base.fingerprint},
+                "stages": stages, "files": [f"adapter-stage{s:03d}.safetensors" for s in range(stages)],
+            }
+            with open(os.path.join(tmp, META), "w") as f:
+                json.dump(meta, f, indent=2, sort_keys=True)
+    if not distributed or dist.get_rank() == 0:
+        run_checkpoints = os.path.dirname(os.path.abspath(path))
+        write_text_atomic(os.path.join(run_checkpoints, LATEST), os.path.basename(path) + "\n")
+    if distributed:
+        dist.barrier()
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """A checkpoint folder from itself or from a run folder (its latest checkpoint)."""
+    path = os.path.abspath(path)
+    if path.endswith(PARTIAL_SUFFIX):
+        raise ValueError(f"{path} is an interrupted checkpoint (never completed)")
+    if os.path.isfile(os.path.join(path, META)):
+        return path
+    ckpts = os.path.join(path, CHECKPOINTS)
+    if not os.path.isdir(ckpts):
+        raise FileNotFoundError(f"{path} is neither a base checkpoint, an adapter checkpoint nor a run folder")
+    latest = os.path.join(ckpts, LATEST)
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            chosen = os.path.join(ckpts, f.read().strip())
+        if not os.path.isfile(os.path.join(chosen, META)):
+            raise ValueError(f"{latest} names {chosen}, which is missing or incomplete (interrupted checkpoint)")
+        return chosen
+    partial = glob.glob(os.path.join(ckpts, "*" + PARTIAL_SUFFIX))
+    hint = f" (only interrupted ones: {[os.path.basename(p) for p in partial]})" if partial else ""
+    raise FileNotFoundError(f"run folder {path} has no checkpoint{hint}")
+
+
+class AdapterCheckpoint:
+    def __init__(self, path: str):
+        self.path = resolve_checkpoint_dir(path)
+        with open(os.path.join(self.path, META)) as f:
+            self.meta = json.load(f)
+        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
+            raise ValueError(f"{self.path}/{META}: not a {FORMAT} v{VERSION} checkpoint")
+        for name in self.meta["files"]:
+            if not os.path.isfile(os.path.join(self.path, name)):
+                raise FileNotFoundError(f"adapter checkpoint {self.path} lacks {name} (interrupted or damaged)")
+
+    @property
+    def peft(self) -> dict:
+        return self.meta["peft"]
+
+    @property
+    def scaling(self) -> float:
+        return float(self.peft["alpha"]) / self.peft["rank"]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in self.meta["files"]:
+            with safe_open(os.path.join(self.path, name), framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+        return out
+
+    def open_base(self, verify: bool = False):
+        """The base checkpoint this run trained on; an error if it is gone or was replaced."""
+        from .base import BaseCheckpoint
+
+        recorded = self.meta["base"]
+        if not os.path.isdir(recorded["path"]):
+            raise FileNotFoundError(f"the base checkpoint this run trained on, {recorded['path']}, is missing")
+        base = BaseCheckpoint(recorded["path"])
+        if base.fingerprint != recorded["fingerprint"]:
+            raise ValueError(
+                f"base checkpoint {base.path} changed since training (fingerprint {base.fingerprint[:12]} "
+                f"!= recorded {recorded['fingerprint'][:12]}); export needs the exact base the adapter was trained on"
+            )
+        if verify:
+            base.check_files(checksums=True)
+        return base

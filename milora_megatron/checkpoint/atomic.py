@@ -1,0 +1,88 @@
+"""Crash-safe writes: everything is written under ``<final>.partial`` and renamed into place,
+so a reader sees either no checkpoint or a complete one."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str, overwrite: bool = False, group=None):
+    """Yield a temporary folder that becomes ``final`` when the block completes.
+
+    With a ``torch.distributed`` ``group`` every member enters, writes its own files into the
+    same temporary folder (a shared filesystem across nodes), and the group's first rank
+    commits it. On an exception the temporary folder is removed.
+    """
+    import torch.distributed as dist
+
+    final = os.path.abspath(final)
+    tmp = final + PARTIAL_SUFFIX
+    lead = group is None or dist.get_rank(group) == 0
+    if lead:
+        if os.path.exists(final) and not overwrite:
+            raise FileExistsError(f"{final} already exists (pass --overwrite to replace it)")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed writer
+        os.makedirs(tmp)
+    if group is not None:
+        dist.barrier(group=group)
+    try:
+        yield tmp
+    except BaseException:
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if group is not None:
+        dist.barrier(group=group)
+    if lead:
+        _fsync_tree(tmp)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(os.path.dirname(final))
+    if group is not None:
+        dist.barrier(group=group)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def sha256_file(path: str, chunk: int = 1 << 23) -> str:
+    """Streaming checksum (8 MiB reads: memory stays flat however big the file)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

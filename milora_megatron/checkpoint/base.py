@@ -1,0 +1,158 @@
+"""The converted base model: megatron tensor names in megatron's global (TP-invariant) layout,
+one safetensors file per transformer layer, plus a manifest.
+
+Why not megatron-core's ``dist_checkpointing``: its save takes the whole state dict in one
+call, so a single converter process would hold the whole model (16 GB for Llama-3-8B in
+bf16); here each layer is written and released on its own. The layout is the same one
+``dist_checkpointing`` stores (qkv grouped, fc1 as [gate; up]), so any rank of any TP/PP
+layout reads exactly its slice with ``safe_open(...).get_slice``: the TP/PP given to the
+converter are validated defaults, not a property of the files.
+
+The manifest records the HF config, the source folder with the checksum of every source
+shard and each tensor's source dtype (so an export returns bit-identical tensors), and the
+checksum of every file written here. Its own checksum is the checkpoint's fingerprint,
+which a training run records so an export can tell if the base was replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+
+from ..convert.hf_folder import safetensors_header
+from ..convert.llama_mapping import EMBEDDING, LM_HEAD, tp_slices
+from ..models.llama import LlamaShape, padded_vocab
+from .atomic import PARTIAL_SUFFIX, sha256_file
+
+MANIFEST = "milora_base.json"
+FORMAT = "milora-megatron-base"
+VERSION = 1
+HF_SIDE_DIR = "hf"  # config.json, generation config, tokenizer files copied from the source
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# transformer-engine's spec keeps the norms inside the fused linears.
+_TE_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def layer_file(i: int) -> str:
+    return f"layer-{i:05d}.safetensors"
+
+
+def is_base_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+class BaseCheckpoint:
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        if self.path.endswith(PARTIAL_SUFFIX):
+            raise ValueError(f"{self.path} is an interrupted conversion (never completed); convert again")
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(f"base checkpoint {self.path} does not exist")
+        manifest = os.path.join(self.path, MANIFEST)
+        if not os.path.isfile(manifest):
+            hint = " (an interrupted conversion?)" if os.path.isdir(self.path + PARTIAL_SUFFIX) else ""
+            raise FileNotFoundError(f"{self.path} is not a converted base checkpoint: no {MANIFEST}{hint}")
+        with open(manifest) as f:
+            self.manifest = json.load(f)
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{manifest} is not a {FORMAT} manifest")
+        if self.manifest.get("version") != VERSION:
+            raise ValueError(f"{manifest} has format version {self.manifest.get('version')}; this code reads {VERSION}")
+        self.shape = LlamaShape.from_hf_config(self.manifest["hf_config"])
+        self.weight_map: dict[str, str] = self.manifest["weight_map"]
+        self.fingerprint = sha256_file(manifest)
+        self.check_files(checksums=False)
+
+    @property
+    def hf_side_dir(self) -> str:
+        return os.path.join(self.path, HF_SIDE_DIR)
+
+    @property
+    def default_parallel(self) -> tuple[int, int]:
+        return self.manifest["parallel"]["tp"], self.manifest["parallel"]["pp"]
+
+    def check_files(self, checksums: bool = False, files=None) -> None:
+        """Every file present and complete; with ``checksums`` also bit-identical to when written."""
+        for name, info in self.manifest["files"].items():
+            if files is not None and name not in files:
+                continue
+            full = os.path.join(self.path, name)
+            if not os.path.isfile(full):
+                raise FileNotFoundError(f"base checkpoint file {full} is missing")
+            if os.path.getsize(full) != info["bytes"]:
+                raise ValueError(f"base checkpoint file {full} has {os.path.getsize(full)} bytes, expected {info['bytes']} (truncated or replaced)")
+            if name.endswith(".safetensors"):
+                safetensors_header(full)
+            if checksums and sha256_file(full) != info["sha256"]:
+                raise ValueError(f"base checkpoint file {full} changed since conversion (sha256 mismatch)")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        with safe_open(os.path.join(self.path, self.weight_map[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s tensors, keyed by their name inside the layer."""
+        prefix = f"decoder.layers.{i}."
+        with safe_open(os.path.join(self.path, layer_file(i)), framework="pt") as f:
+            return {k[len(prefix):]: f.get_tensor(k) for k in f.keys()}
+
+    def source_dtype(self, hf_name: str) -> torch.dtype:
+        return DTYPES[self.manifest["source"]["dtypes"][hf_name]]
+
+    @torch.no_grad()
+    def load_into(self, model, tp_rank: int = 0, tp_size: int = 1) -> None:
+        """Copy this TP rank's slice of every base parameter of a GPTModel stage (built by
+        ``models.llama.build_gpt``, any TP/PP) from the files. Adapter parameters are skipped;
+        a parameter the checkpoint lacks is an error."""
+        local_to_global = {}
+        decoder = getattr(model, "decoder", None)
+        for j, layer in enumerate(decoder.layers if decoder is not None else []):
+            local_to_global[f"decoder.layers.{j}."] = f"decoder.layers.{layer.layer_number - 1}."
+        handles = {}
+        try:
+            for name, param in model.named_parameters():
+                if ".adapters." in name:
+                    continue
+                global_name = self._global_name(name, local_to_global)
+                file = self.weight_map.get(global_name)
+                if file is None:
+                    raise KeyError(f"base checkpoint {self.path} has no tensor for parameter {name} ({global_name})")
+                if file not in handles:
+                    handles[file] = safe_open(os.path.join(self.path, file), framework="pt").__enter__()
+                param.copy_(self._read_shard(handles[file], global_name, tuple(param.shape), param.dtype, tp_rank, tp_size))
+        finally:
+            for h in handles.values():
+                h.__exit__(None, None, None)
+
+    def _global_name(self, name: str, local_to_global: dict[str, str]) -> str:
+        if name == LM_HEAD[1] and self.shape.tied:
+            return EMBEDDING[1]  # the last stage's copy of a tied embedding (PP > 1)
+        for local, glob in local_to_global.items():
+            if name.startswith(local):
+                rest = name[len(local):]
+                return glob + _TE_ALIASES.get(rest, rest)
+        return name
+
+    def _read_shard(self, handle, name: str, local_shape, dtype, tp_rank: int, tp_size: int) -> torch.Tensor:
+        sliced = handle.get_slice(name)
+        if name in (EMBEDDING[1], LM_HEAD[1]):
+            rows = padded_vocab(self.shape.vocab, tp_size) // tp_size
+            start, stop = tp_rank * rows, min((tp_rank + 1) * rows, self.shape.vocab)
+            out = torch.zeros(local_shape, dtype=dtype)  # padded rows stay zero
+            if stop > start:
+                out[: stop - start] = sliced[start:stop]
+            return out
+        parts = [sliced[idx] for idx in tp_slices(name, tuple(sliced.get_shape()), tp_size, tp_rank)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if tuple(out.shape) != local_shape:
+            raise ValueError(f"{name}: checkpoint slice {tuple(out.shape)} does not match the model's {local_shape}")
+        return out

@@ -1,0 +1,183 @@
+"""Base checkpoint (+ a run's adapter) -> Hugging Face: a merged model or a PEFT adapter.
+
+The merged weights are computed from the ORIGINAL base tensors, in float32,
+``W + s (B A - B0 A0)``, then cast to each tensor's source dtype (or ``dtype``): a residual
+stored in bf16 during training never reaches the export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..adapters.targets import HF_MODULE_PREFIX
+from ..checkpoint.adapters import AdapterCheckpoint
+from ..checkpoint.atomic import atomic_directory
+from ..checkpoint.base import DTYPES, BaseCheckpoint, is_base_checkpoint
+from .llama_mapping import EMBEDDING, FINAL_NORM, LM_HEAD, hf_layer_prefix, megatron_to_hf_layer
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def open_checkpoint(path: str, verify: bool = True) -> tuple[BaseCheckpoint, AdapterCheckpoint | None]:
+    """``path``: a converted base checkpoint, an adapter checkpoint, or a run folder (its latest)."""
+    if is_base_checkpoint(path):
+        base = BaseCheckpoint(path)
+        if verify:
+            base.check_files(checksums=True)
+        return base, None
+    adapter = AdapterCheckpoint(path)
+    return adapter.open_base(verify=verify), adapter
+
+
+class _ShardWriter:
+    """HF-style sharded safetensors: a shard is flushed once it reaches ``max_bytes``."""
+
+    def __init__(self, folder: str, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        save_file(self.pending, os.path.join(self.folder, f"shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(os.path.join(self.folder, "shard-00000.tmp"), os.path.join(self.folder, "model.safetensors"))
+            return
+        weight_map = {}
+        for k, names in enumerate(self.shards):
+            final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(os.path.join(self.folder, f"shard-{k:05d}.tmp"), os.path.join(self.folder, final))
+            weight_map.update({name: final for name in names})
+        with open(os.path.join(self.folder, INDEX_NAME), "w") as f:
+            json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _target_deltas(adapter: AdapterCheckpoint | None, factors: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    """s (B A - B0 A0) in float32 for each adapted target of one layer, keyed by HF weight name."""
+    if adapter is None:
+        return {}
+    s = adapter.scaling
+    out = {}
+    for target in adapter.peft["targets"]:
+        module = f"{hf_layer_prefix(layer)}{HF_MODULE_PREFIX[target]}.{target}"
+        a, b = factors[f"{module}.lora_A"].float(), factors[f"{module}.lora_B"].float()
+        delta = b @ a
+        if f"{module}.lora_A0" in factors:
+            delta -= factors[f"{module}.lora_B0"].float() @ factors[f"{module}.lora_A0"].float()
+        out[f"{module}.weight"] = s * delta
+    return out
+
+
+def export_merged(path: str, out: str, dtype: str | None = None, max_shard_bytes: int = 2 << 30,
+                  overwrite: bool = False, verify: bool = True, progress: bool = True) -> str:
+    base, adapter = open_checkpoint(path, verify)
+    shape = base.shape
+    factors = adapter.tensors() if adapter is not None else {}
+    cast = DTYPES[dtype] if dtype else None
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        writer = _ShardWriter(tmp, max_shard_bytes)
+
+        def emit(hf_name: str, tensor: torch.Tensor, delta: torch.Tensor | None = None) -> None:
+            target = cast or base.source_dtype(hf_name)
+            if delta is not None:
+                tensor = tensor.float() + delta
+            writer.add(hf_name, tensor.to(target))
+
+        bar = tqdm(total=shape.layers + 2, desc="export merged" if adapter else "export", unit="part",
+                   disable=not progress)
+        emit(EMBEDDING[0], base.tensor(EMBEDDING[1]))
+        bar.update()
+        for i in range(shape.layers):
+            hf = megatron_to_hf_layer(base.layer_tensors(i), shape.heads, shape.kv_heads, shape.kv_channels)
+            deltas = _target_deltas(adapter, factors, i)
+            for name, tensor in hf.items():
+                full = hf_layer_prefix(i) + name
+                emit(full, tensor, deltas.get(full))
+            bar.update()
+        emit(FINAL_NORM[0], base.tensor(FINAL_NORM[1]))
+        if not shape.tied:
+            emit(LM_HEAD[0], base.tensor(LM_HEAD[1]))
+        bar.update()
+        bar.close()
+        writer.close()
+        _copy_side_files(base, tmp, dtype)
+    return os.path.abspath(out)
+
+
+def _copy_side_files(base: BaseCheckpoint, folder: str, dtype: str | None) -> None:
+    for name in os.listdir(base.hf_side_dir):
+        shutil.copy2(os.path.join(base.hf_side_dir, name), folder)
+    if dtype:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+        name = str(DTYPES[dtype]).replace("torch.", "")
+        config["torch_dtype"] = config["dtype"] = name
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+
+def export_peft(path: str, out: str, dtype: str | None = None, overwrite: bool = False, verify: bool = True) -> str:
+    """A PEFT LoRA folder that applies to the ORIGINAL base model.
+
+    PiSSA/MiLoRA trained from W - s B0 A0; on the original W their update is
+    s (B A - B0 A0), which is a rank-2r LoRA ``[B, -B0] [A; A0]`` with alpha doubled so
+    that alpha / r stays s (the form PEFT's own PiSSA conversion writes).
+    """
+    base, adapter = open_checkpoint(path, verify)
+    if adapter is None:
+        raise ValueError(f"{path} is a base checkpoint: there is no adapter to export (drop --adapter-only)")
+    factors = adapter.tensors()
+    peft = adapter.peft
+    cast = DTYPES[dtype] if dtype else torch.float32
+    has_initial = any(k.endswith(".lora_A0") for k in factors)
+    rank, alpha = peft["rank"], float(peft["alpha"])
+    tensors = {}
+    for key in sorted(k for k in factors if k.endswith(".lora_A")):
+        module = key[: -len(".lora_A")]
+        a, b = factors[f"{module}.lora_A"], factors[f"{module}.lora_B"]
+        if has_initial:
+            a = torch.cat([a, factors[f"{module}.lora_A0"]], dim=0)
+            b = torch.cat([b, -factors[f"{module}.lora_B0"]], dim=1)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(cast).contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(cast).contiguous()
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base.manifest["source"]["hf_dir"],
+        "r": 2 * rank if has_initial else rank, "lora_alpha": 2 * alpha if has_initial else alpha,
+        "lora_dropout": peft["dropout"], "target_modules": list(peft["targets"]), "bias": "none",
+        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "use_rslora": False,
+        "use_dora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        with open(os.path.join(tmp, "milora_export.json"), "w") as f:
+            json.dump({"method": peft["method"], "trained_rank": rank, "trained_alpha": alpha,
+                       "form": "rank-2r [B, -B0][A; A0]" if has_initial else "rank-r",
+                       "base_checkpoint": base.path, "adapter_checkpoint": adapter.path,
+                       "step": adapter.meta["step"]}, f, indent=2)
+    return os.path.abspath(out)

@@ -1,0 +1,109 @@
+"""HF folder -> base checkpoint (see ``checkpoint.base`` for the format), one layer at a time."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..checkpoint import base as fmt
+from ..checkpoint.atomic import atomic_directory, sha256_file
+from ..models.llama import LlamaShape
+from .hf_folder import HFFolder
+from .llama_mapping import (
+    EMBEDDING,
+    FINAL_NORM,
+    HF_LAYER_NAMES,
+    LM_HEAD,
+    hf_layer_prefix,
+    hf_to_megatron_layer,
+    megatron_layer_prefix,
+)
+
+log = logging.getLogger(__name__)
+
+
+def expected_hf_names(shape: LlamaShape) -> list[str]:
+    names = [EMBEDDING[0], FINAL_NORM[0]] + ([] if shape.tied else [LM_HEAD[0]])
+    for i in range(shape.layers):
+        names += [hf_layer_prefix(i) + n for n in HF_LAYER_NAMES]
+    return names
+
+
+def check_hf_tensors(hf: HFFolder, shape: LlamaShape) -> None:
+    expected = expected_hf_names(shape)
+    present = set(hf.names())
+    missing = [n for n in expected if n not in present]
+    if missing:
+        raise ValueError(f"{hf.path} lacks {len(missing)} tensor(s) the config implies, e.g. {missing[:3]}")
+    extra = present - set(expected) - ({LM_HEAD[0]} if shape.tied else set())
+    if extra:
+        raise ValueError(f"{hf.path} has tensors this Llama converter does not know: {sorted(extra)[:5]}")
+
+
+def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str | None = None,
+                           overwrite: bool = False, progress: bool = True) -> str:
+    """Write a base checkpoint at ``out`` (atomically). ``dtype`` None keeps each tensor's own."""
+    hf = HFFolder(hf_dir)
+    shape = LlamaShape.from_hf_config(hf.config)
+    shape.check_parallel(tp, pp)
+    check_hf_tensors(hf, shape)
+    target = fmt.DTYPES[dtype] if dtype else None
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+
+    shards = {}
+    for shard in tqdm(hf.shard_files(), desc="checksum source shards", unit="shard", disable=not progress):
+        full = os.path.join(hf.path, shard)
+        shards[shard] = {"sha256": sha256_file(full), "bytes": os.path.getsize(full)}
+
+    files, weight_map = {}, {}
+
+    def write(tmp: str, file: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {k: (v.to(target) if target else v).contiguous() for k, v in tensors.items()}
+        path = os.path.join(tmp, file)
+        save_file(tensors, path, metadata={"format": "pt"})
+        files[file] = {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+        weight_map.update({k: file for k in tensors})
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        side = os.path.join(tmp, fmt.HF_SIDE_DIR)
+        os.makedirs(side)
+        for name in hf.side_files():
+            shutil.copy2(os.path.join(hf.path, name), side)
+        units = tqdm(total=shape.layers + 2, desc=f"convert {os.path.basename(hf.path)}", unit="part",
+                     disable=not progress)
+        write(tmp, "embedding.safetensors", {EMBEDDING[1]: hf.tensor(EMBEDDING[0])})
+        units.update()
+        for i in range(shape.layers):
+            layer = {n: hf.tensor(hf_layer_prefix(i) + n) for n in HF_LAYER_NAMES}
+            meg = hf_to_megatron_layer(layer, shape.heads, shape.kv_heads)
+            del layer
+            write(tmp, fmt.layer_file(i), {megatron_layer_prefix(i) + k: v for k, v in meg.items()})
+            del meg
+            units.update()
+        final = {FINAL_NORM[1]: hf.tensor(FINAL_NORM[0])}
+        if not shape.tied:
+            final[LM_HEAD[1]] = hf.tensor(LM_HEAD[0])
+        write(tmp, "final.safetensors", final)
+        units.update()
+        units.close()
+        manifest = {
+            "format": fmt.FORMAT, "version": fmt.VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "dtype": dtype or "source", "parallel": {"tp": tp, "pp": pp}, "hf_config": hf.config,
+            "padded_vocab_multiple": "128 x TP (applied when a model is built; files hold the real vocabulary)",
+            "source": {"hf_dir": hf.path, "shards": shards,
+                       "dtypes": {n: hf.dtype_of(n) for n in expected_hf_names(shape)}},
+            "files": files, "weight_map": weight_map,
+        }
+        with open(os.path.join(tmp, fmt.MANIFEST), "w") as f:  # last: its presence marks completeness
+            json.dump(manifest, f, indent=1, sort_keys=True)
+    log.info("wrote base checkpoint %s (%d layers, default TP=%d PP=%d)", out, shape.layers, tp, pp)
+    return os.path.abspath(out)

@@ -1,0 +1,104 @@
+"""Torch-native pieces for megatron-core's local layer spec: SDPA core attention and an
+RMSNorm that works under sequence parallelism. Neither needs transformer-engine or apex.
+
+megatron-core's local ``DotProductAttention`` materialises the full [b, heads, s, s] score
+tensor in fp32 (out of memory at Llama-3-8B shape, see the platform notes) and its
+``WrappedTorchNorm`` refuses sequence parallelism; these replace exactly those two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+
+class RMSNorm(torch.nn.Module):
+    """Llama's RMSNorm, computed as HF computes it (fp32 statistics, cast back, then scale).
+
+    It is per token, so under sequence parallelism each rank normalises its own chunk; the
+    weight is marked ``sequence_parallel`` so megatron all-reduces its gradient if trained.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class SDPAttention(MegatronModule):
+    """Core attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Takes megatron's [s, b, heads, dim] query and [s, b, groups, dim] key/value (GQA is
+    handled by SDPA, no repeat), returns [s, b, heads * dim] like ``DotProductAttention``.
+    A causal layer ignores the mask tensor (SDPA's own causal path: flash / memory-efficient
+    kernels on GPU, no s x s mask in memory).
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("context parallelism needs transformer-engine's attention (model.spec: te)")
+        self.attn_mask_type = attn_mask_type
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
+        mask_type = attn_mask_type or self.attn_mask_type
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
+        causal = mask_type == AttnMaskType.causal
+        mask = None if causal or attention_mask is None else ~attention_mask  # megatron: True = masked
+        dropout = self.dropout if self.training else 0.0
+        if dropout > 0.0:
+            from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+            with get_cuda_rng_tracker().fork():
+                out = self._sdpa(q, k, v, mask, causal, dropout)
+        else:
+            out = self._sdpa(q, k, v, mask, causal, 0.0)
+        b, h, s, d = out.shape
+        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+    def _sdpa(self, q, k, v, mask, causal, dropout):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                              scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def local_layer_spec():
+    """megatron-core's local GPT layer spec with the two modules above swapped in."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def te_layer_spec():
+    """transformer-engine's GPT layer spec (fused kernels); only when TE imports."""
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+    except ImportError as exc:
+        raise RuntimeError(
+            "model.spec 'te' needs transformer-engine, which does not import here "
+            f"({exc}); use the default torch-native spec ('local')"
+        ) from exc
+    return get_gpt_layer_with_transformer_engine_spec()

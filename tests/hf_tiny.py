@@ -1,0 +1,52 @@
+"""Tiny Llama models in Hugging Face format, built locally (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+TINY = dict(layers=4, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=1000)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+
+
+def hf_config(tied: bool = False, **shape):
+    from transformers import LlamaConfig
+
+    s = {**TINY, **shape}
+    return LlamaConfig(
+        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+        max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+        rope_parameters=dict(LLAMA3_ROPE), bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+def make_hf_llama(path: str, tied: bool = False, seed: int = 0, dtype=torch.float32,
+                  max_shard_size: str = "100KB", **shape):
+    """Save a random tiny Llama at ``path`` (sharded safetensors + index) and return the model.
+
+    Weights are scaled so activations and logits are O(1): with HF's default 0.02 init the
+    logits are ~1e-3 and any comparison at 1e-4 would be vacuous.
+    """
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(hf_config(tied, **shape))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
+    model = model.to(dtype)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, max_new_tokens=4)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return model.eval()
+
+
+def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=tokens).logits.float()
