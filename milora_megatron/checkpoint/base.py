@@ -55,12 +55,11 @@ class BaseCheckpoint:
         self.path = os.path.abspath(path)
         if self.path.endswith(PARTIAL_SUFFIX):
             raise ValueError(f"{self.path} is an interrupted conversion (never completed); convert again")
-        if not os.path.isdir(self.path):
-            raise FileNotFoundError(f"base checkpoint {self.path} does not exist")
         manifest = os.path.join(self.path, MANIFEST)
         if not os.path.isfile(manifest):
-            hint = " (an interrupted conversion?)" if os.path.isdir(self.path + PARTIAL_SUFFIX) else ""
-            raise FileNotFoundError(f"{self.path} is not a converted base checkpoint: no {MANIFEST}{hint}")
+            hint = " (only an interrupted conversion is there)" if os.path.isdir(self.path + PARTIAL_SUFFIX) else ""
+            what = "is not a converted base checkpoint" if os.path.isdir(self.path) else "does not exist"
+            raise FileNotFoundError(f"base checkpoint {self.path} {what}{hint}")
         with open(manifest) as f:
             self.manifest = json.load(f)
         if self.manifest.get("format") != FORMAT:

@@ -1,0 +1,192 @@
+"""HF -> megatron -> HF converters: bit-identical round trip, every bad input's error, and
+no half-written checkpoint after an interrupted conversion."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from hf_tiny import make_hf_llama
+from safetensors.torch import load_file
+
+from milora_megatron.convert.exporter import export_merged
+from milora_megatron.convert.importer import convert_hf_to_megatron
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _all_tensors(folder):
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, f)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    dirs = {}
+    for key, tied, dtype in (("untied_bf16", False, torch.bfloat16), ("tied_fp32", True, torch.float32)):
+        make_hf_llama(str(root / key), tied=tied, dtype=dtype, seed=3)
+        with open(root / key / "tokenizer_config.json", "w") as f:  # a side file that must travel along
+            json.dump({"model_max_length": 256}, f)
+        dirs[key] = str(root / key)
+    return root, dirs
+
+
+@pytest.mark.parametrize("key,dtype", [("untied_bf16", None), ("tied_fp32", None), ("untied_bf16", "fp32")])
+def test_round_trip_is_bit_identical(hf_dirs, tmp_path, key, dtype):
+    _, dirs = hf_dirs
+    ckpt = convert_hf_to_megatron(dirs[key], str(tmp_path / "ckpt"), tp=2, pp=2, dtype=dtype, progress=False)
+    out = export_merged(ckpt, str(tmp_path / "hf"), max_shard_bytes=60_000, progress=False)
+    src, back = _all_tensors(dirs[key]), _all_tensors(out)
+    assert set(src) == set(back)
+    for name, tensor in src.items():
+        assert back[name].dtype == tensor.dtype, name
+        assert torch.equal(back[name], tensor), name
+    assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    for side in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        with open(os.path.join(dirs[key], side)) as a, open(os.path.join(out, side)) as b:
+            assert a.read() == b.read(), side
+
+
+def test_export_loads_in_transformers(hf_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, dirs = hf_dirs
+    ckpt = convert_hf_to_megatron(dirs["tied_fp32"], str(tmp_path / "ckpt"), progress=False)
+    out = export_merged(ckpt, str(tmp_path / "hf"), progress=False)
+    ref = AutoModelForCausalLM.from_pretrained(dirs["tied_fp32"])
+    got = AutoModelForCausalLM.from_pretrained(out)
+    tokens = torch.randint(0, 1000, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(ref(tokens).logits, got(tokens).logits)
+
+
+def _broken_copy(src, dst, edit):
+    shutil.copytree(src, dst)
+    edit(dst)
+    return dst
+
+
+def _set_config(**changes):
+    def edit(folder):
+        path = os.path.join(folder, "config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        cfg.update(changes)
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+
+    return edit
+
+
+def _first_shard(folder):
+    return os.path.join(folder, sorted(f for f in os.listdir(folder) if f.startswith("model-"))[0])
+
+
+def _truncate(folder):
+    path = _first_shard(folder)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 100)
+
+
+@pytest.mark.parametrize("edit,tp,pp,message", [
+    (None, 3, 1, "does not divide the 4 attention heads"),
+    (None, 4, 1, "does not divide the 2 KV heads"),
+    (_set_config(intermediate_size=99), 2, 1, "does not divide the 99 FFN size"),
+    (None, 1, 3, "PP size 3 does not divide the 4 layers"),
+    (lambda d: os.remove(_first_shard(d)), 1, 1, "missing shard model-00001"),
+    (_truncate, 1, 1, "truncated safetensors file"),
+    (_set_config(model_type="mistral", architectures=["MistralForCausalLM"]), 1, 1, "unsupported architecture"),
+    (_set_config(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), 1, 1, "unsupported rope type 'yarn'"),
+    (_set_config(hidden_act="gelu"), 1, 1, "hidden_act='gelu'"),
+])
+def test_bad_input_errors(hf_dirs, tmp_path, edit, tp, pp, message):
+    _, dirs = hf_dirs
+    src = dirs["untied_bf16"] if edit is None else _broken_copy(dirs["untied_bf16"], str(tmp_path / "bad"), edit)
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        convert_hf_to_megatron(src, str(tmp_path / "ckpt"), tp=tp, pp=pp, progress=False)
+    assert message in str(info.value)
+    assert not os.path.exists(tmp_path / "ckpt") and not os.path.exists(str(tmp_path / "ckpt") + ".partial")
+
+
+def test_existing_output_is_not_overwritten(hf_dirs, tmp_path):
+    _, dirs = hf_dirs
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        convert_hf_to_megatron(dirs["untied_bf16"], str(tmp_path / "ckpt"), progress=False)
+
+
+def test_interrupted_conversion_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
+    from milora_megatron.checkpoint.base import BaseCheckpoint
+    from milora_megatron.convert import importer
+
+    _, dirs = hf_dirs
+    calls = []
+    real = importer.save_file
+
+    def crash_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(importer, "save_file", crash_on_third)
+    out = str(tmp_path / "ckpt")
+    with pytest.raises(KeyboardInterrupt):
+        convert_hf_to_megatron(dirs["untied_bf16"], out, progress=False)
+    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+    # A writer killed outright (SIGKILL) leaves only ``.partial``, which is never loadable
+    # and is cleared by the next conversion.
+    monkeypatch.setattr(importer, "save_file", real)
+    os.makedirs(out + ".partial")
+    with pytest.raises(ValueError, match="interrupted"):
+        BaseCheckpoint(out + ".partial")
+    with pytest.raises(FileNotFoundError, match="interrupted conversion is there"):
+        BaseCheckpoint(out)
+    convert_hf_to_megatron(dirs["untied_bf16"], out, progress=False)
+    assert not os.path.exists(out + ".partial")
+    BaseCheckpoint(out).check_files(checksums=True)
+
+
+def test_damaged_base_checkpoint_is_refused(hf_dirs, tmp_path):
+    from milora_megatron.checkpoint.base import BaseCheckpoint
+
+    _, dirs = hf_dirs
+    ckpt = convert_hf_to_megatron(dirs["untied_bf16"], str(tmp_path / "ckpt"), progress=False)
+    layer = os.path.join(ckpt, "layer-00001.safetensors")
+    data = bytearray(open(layer, "rb").read())
+    data[-1] ^= 0xFF  # same size, one bit pattern changed
+    open(layer, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match="changed since conversion"):
+        export_merged(ckpt, str(tmp_path / "hf"), progress=False)
+    os.truncate(layer, len(data) - 10)
+    with pytest.raises(ValueError, match="truncated or replaced"):
+        BaseCheckpoint(ckpt)
+
+
+def test_cli_help_and_exit_codes(hf_dirs, tmp_path):
+    _, dirs = hf_dirs
+    for tool in ("hf_to_megatron.py", "megatron_to_hf.py"):
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert", tool), "--help"],
+                             capture_output=True, text=True, check=True).stdout
+        assert "--out" in out and "--dtype" in out
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert", "hf_to_megatron.py"),
+                          "--hf-dir", dirs["untied_bf16"], "--out", str(tmp_path / "x"), "--tp", "3", "--quiet"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not divide the 4 attention heads" in bad.stderr
+    ok = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert", "hf_to_megatron.py"),
+                         "--hf-dir", dirs["untied_bf16"], "--out", str(tmp_path / "ck"), "--tp", "2", "--pp", "2"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "convert" in ok.stderr  # progress bar
+    back = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert", "megatron_to_hf.py"),
+                           "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "hf"), "--quiet"],
+                          capture_output=True, text=True)
+    assert back.returncode == 0, back.stderr

@@ -1,0 +1,123 @@
+"""After a few adapter steps at TP=2: the merged HF export, the PEFT adapter applied to the
+ORIGINAL base, and the megatron model give the same logits, for every method."""
+
+import json
+import os
+
+import pytest
+import torch
+from distributed import run_distributed
+from hf_tiny import make_hf_llama
+
+CASES = [("lora", "branch"), ("pissa", "branch"), ("milora", "branch"), ("mica", "branch"), ("milora", "merge")]
+TOL = 1e-4
+
+
+def _train_worker(ckpt, run_root, tokens):
+    from megatron.core import parallel_state as ps
+
+    from milora_megatron.adapters import AdapterConfig, apply_adapters
+    from milora_megatron.checkpoint.adapters import save_adapter_checkpoint, step_dir
+    from milora_megatron.checkpoint.base import BaseCheckpoint
+    from milora_megatron.models.llama import build_gpt, gather_logits, transformer_config
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    base = BaseCheckpoint(ckpt)
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    labels = torch.roll(tokens, -1, dims=1)
+    out = {}
+    for method, residual in CASES:
+        model = build_gpt(base.shape, transformer_config(base.shape, tp=tp))
+        base.load_into(model, rank, tp)
+        cfg = AdapterConfig(method=method, rank=4, alpha=8, dropout=0.05, residual=residual,
+                            targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        targets = apply_adapters(model, cfg, ps.get_tensor_model_parallel_group())
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=2e-2)
+        model.train()
+        for _ in range(3):
+            opt.zero_grad()
+            model(tokens, pos, None, labels=labels).mean().backward()
+            opt.step()
+        run = os.path.join(run_root, f"{method}_{residual}")
+        save_adapter_checkpoint(step_dir(run, 3), targets, cfg, base, step=3)
+        model.eval()
+        with torch.no_grad():
+            out[(method, residual)] = gather_logits(model, model(tokens, pos, None))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from milora_megatron.convert.importer import convert_hf_to_megatron
+
+    root = tmp_path_factory.mktemp("export")
+    make_hf_llama(str(root / "hf"), tied=False, seed=5)
+    ckpt = convert_hf_to_megatron(str(root / "hf"), str(root / "ckpt"), tp=2, progress=False)
+    tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+    logits = run_distributed(_train_worker, 2, tp=2, ckpt=ckpt, run_root=str(root / "runs"), tokens=tokens)[0]
+    return root, tokens, logits
+
+
+@pytest.mark.parametrize("method,residual", CASES)
+def test_merged_equals_peft_equals_megatron(trained, method, residual):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from milora_megatron.convert.exporter import export_merged, export_peft
+
+    root, tokens, logits = trained
+    run = str(root / "runs" / f"{method}_{residual}")
+    merged_dir = export_merged(run, str(root / f"merged_{method}_{residual}"), progress=False)
+    peft_dir = export_peft(run, str(root / f"peft_{method}_{residual}"))
+    with open(os.path.join(peft_dir, "adapter_config.json")) as f:
+        peft_cfg = json.load(f)
+    two_r = method in ("pissa", "milora")
+    assert peft_cfg["r"] == (8 if two_r else 4) and peft_cfg["lora_alpha"] == (16 if two_r else 8)
+
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)(tokens).logits
+        original = AutoModelForCausalLM.from_pretrained(str(root / "hf"))
+        base_logits = original(tokens).logits
+        peft = PeftModel.from_pretrained(original, peft_dir).eval()(tokens).logits
+    megatron = logits[(method, residual)]
+    # the adapter really moved the model, so the comparison below is not vacuous
+    assert (merged - base_logits).abs().max() > 50 * TOL
+    assert (merged - megatron).abs().max() <= TOL
+    assert (peft - merged).abs().max() <= TOL
+
+
+def test_export_errors(trained, tmp_path):
+    import shutil
+
+    from milora_megatron.checkpoint.adapters import LATEST
+    from milora_megatron.convert.exporter import export_merged, export_peft
+    from milora_megatron.convert.importer import convert_hf_to_megatron
+
+    root, _, _ = trained
+    (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="has no checkpoint"):
+        export_merged(str(tmp_path / "empty_run"), str(tmp_path / "o1"), progress=False)
+    (tmp_path / "empty_run" / "checkpoints" / "step_0000005.partial").mkdir()
+    with pytest.raises(FileNotFoundError, match="only interrupted ones"):
+        export_merged(str(tmp_path / "empty_run"), str(tmp_path / "o1"), progress=False)
+    (tmp_path / "empty_run" / "checkpoints" / LATEST).write_text("step_0000005\n")
+    with pytest.raises(ValueError, match="interrupted checkpoint"):
+        export_merged(str(tmp_path / "empty_run"), str(tmp_path / "o1"), progress=False)
+    with pytest.raises(ValueError, match="drop --adapter-only"):
+        export_peft(str(root / "ckpt"), str(tmp_path / "o2"))
+
+    # a run whose base was replaced (re-converted) or removed
+    moved_base = shutil.copytree(root / "ckpt", tmp_path / "ckpt")
+    run = shutil.copytree(root / "runs" / "lora_branch", tmp_path / "run")
+    meta_path = run / "checkpoints" / "step_0000003" / "adapter.json"
+    meta = json.loads(meta_path.read_text())
+    meta["base"]["path"] = str(moved_base)
+    meta_path.write_text(json.dumps(meta))
+    export_merged(str(run), str(tmp_path / "ok"), progress=False)
+    convert_hf_to_megatron(str(root / "hf"), str(moved_base), overwrite=True, progress=False)
+    with pytest.raises(ValueError, match="changed since training"):
+        export_merged(str(run), str(tmp_path / "o3"), progress=False)
+    shutil.rmtree(moved_base)
+    with pytest.raises(FileNotFoundError, match="is missing"):
+        export_peft(str(run), str(tmp_path / "o4"))
