@@ -158,11 +158,12 @@ class AdapterCheckpoint:
     def scaling(self) -> float:
         return float(self.peft["alpha"]) / self.peft["rank"]
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """All factors, or only those whose name starts with ``prefix`` (e.g. one layer's)."""
         out = {}
         for name in self.meta["files"]:
             with safe_open(os.path.join(self.path, name), framework="pt") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
+                out.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
         return out
 
     def open_base(self, verify: bool = False):

@@ -75,37 +75,29 @@ class _ShardWriter:
             json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
 
 
-def _target_deltas(adapter: AdapterCheckpoint | None, factors: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
-    """s (B A - B0 A0) in float32 for each adapted target of one layer, keyed by HF weight name."""
-    if adapter is None:
-        return {}
-    s = adapter.scaling
-    out = {}
-    for target in adapter.peft["targets"]:
-        module = f"{hf_layer_prefix(layer)}{HF_MODULE_PREFIX[target]}.{target}"
-        a, b = factors[f"{module}.lora_A"].float(), factors[f"{module}.lora_B"].float()
-        delta = b @ a
-        if f"{module}.lora_A0" in factors:
-            delta -= factors[f"{module}.lora_B0"].float() @ factors[f"{module}.lora_A0"].float()
-        out[f"{module}.weight"] = s * delta
-    return out
+def _merged(module: str, w: torch.Tensor, factors: dict[str, torch.Tensor], s: float) -> torch.Tensor:
+    """W + s (B A - B0 A0), accumulated in float32 into one fp32 copy of W."""
+    if f"{module}.lora_A" not in factors:
+        return w
+    w = w.float()
+    w.addmm_(factors[f"{module}.lora_B"].float(), factors[f"{module}.lora_A"].float(), alpha=s)
+    if f"{module}.lora_A0" in factors:
+        w.addmm_(factors[f"{module}.lora_B0"].float(), factors[f"{module}.lora_A0"].float(), alpha=-s)
+    return w
 
 
-def export_merged(path: str, out: str, dtype: str | None = None, max_shard_bytes: int = 2 << 30,
+def export_merged(path: str, out: str, dtype: str | None = None, max_shard_bytes: int = 10**9,
                   overwrite: bool = False, verify: bool = True, progress: bool = True) -> str:
     base, adapter = open_checkpoint(path, verify)
     shape = base.shape
-    factors = adapter.tensors() if adapter is not None else {}
     cast = DTYPES[dtype] if dtype else None
+    scaling = adapter.scaling if adapter is not None else 1.0
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes)
 
-        def emit(hf_name: str, tensor: torch.Tensor, delta: torch.Tensor | None = None) -> None:
-            target = cast or base.source_dtype(hf_name)
-            if delta is not None:
-                tensor = tensor.float() + delta
-            writer.add(hf_name, tensor.to(target))
+        def emit(hf_name: str, tensor: torch.Tensor) -> None:
+            writer.add(hf_name, tensor.to(cast or base.source_dtype(hf_name)))
 
         bar = tqdm(total=shape.layers + 2, desc="export merged" if adapter else "export", unit="part",
                    disable=not progress)
@@ -113,10 +105,10 @@ def export_merged(path: str, out: str, dtype: str | None = None, max_shard_bytes
         bar.update()
         for i in range(shape.layers):
             hf = megatron_to_hf_layer(base.layer_tensors(i), shape.heads, shape.kv_heads, shape.kv_channels)
-            deltas = _target_deltas(adapter, factors, i)
-            for name, tensor in hf.items():
+            factors = adapter.tensors(prefix=hf_layer_prefix(i)) if adapter is not None else {}
+            for name in list(hf):  # pop: each tensor is released once written
                 full = hf_layer_prefix(i) + name
-                emit(full, tensor, deltas.get(full))
+                emit(full, _merged(full[: -len(".weight")], hf.pop(name), factors, scaling))
             bar.update()
         emit(FINAL_NORM[0], base.tensor(FINAL_NORM[1]))
         if not shape.tied:

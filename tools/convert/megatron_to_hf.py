@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--adapter-only", action="store_true", help="write a PEFT LoRA adapter instead of merged weights")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="output dtype (default: each tensor's source dtype; adapters: fp32)")
-    p.add_argument("--max-shard-size", type=parse_size, default="2GB",
-                   help="largest merged safetensors shard (default 2GB; bounds the exporter's memory)")
+    p.add_argument("--max-shard-size", type=parse_size, default="1GB",
+                   help="largest merged safetensors shard (default 1GB; peak memory is about one shard plus one layer)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip re-checking the base checkpoint's file checksums (sizes are always checked)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
