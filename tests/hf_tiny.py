@@ -50,3 +50,37 @@ def make_hf_llama(path: str, tied: bool = False, seed: int = 0, dtype=torch.floa
 def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=tokens).logits.float()
+
+
+def make_tokenizer(path: str, texts: list[str], vocab: int = 1000) -> None:
+    """A byte-level BPE tokenizer trained on ``texts`` (local, seconds), saved into ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.add_bos_token = True
+    from tokenizers import processors
+
+    fast._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast.save_pretrained(path)
+
+
+def alpaca_records(n: int, seed: int = 0) -> list[dict]:
+    """Small arithmetic instructions with checkable answers."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        rec = {"instruction": f"Add the two numbers.", "input": f"{a} and {b}", "output": f"The sum is {a + b}."}
+        if i % 3 == 0:
+            rec = {"instruction": f"What is {a} plus {b}?", "output": f"{a} plus {b} is {a + b}."}
+        out.append(rec)
+    return out

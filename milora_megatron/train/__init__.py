@@ -1,0 +1,1 @@
+"""Fine-tuning: config, data, the training loop, checkpoints and metrics."""

@@ -1,0 +1,225 @@
+"""A run's configuration: plain dataclasses, loaded from YAML plus dotted ``key=value`` overrides.
+
+Key names are a contract (users' scripts and the Slurm script use them). Unknown keys and
+values of the wrong type are errors that list what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from ..adapters.config import PAPER_TARGETS
+
+
+@dataclass
+class ModelConfig:
+    load: str = ""  # a base checkpoint written by tools/convert/hf_to_megatron.py
+    spec: str = "local"  # local (torch-native: SDPA + own RMSNorm) | te (transformer-engine, untested)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # jsonl / json / parquet file, or a datasets save_to_disk folder
+    valid: str = ""  # same formats; empty: no validation loss
+    template: str = "alpaca"  # alpaca (instruction/input/output) | metamath (query/response)
+    forgetting: str = ""  # held-out general text (a "text" column, or plain .txt); empty: not measured
+    pack: bool = False  # pack several examples into one train.seq_len sequence (else truncate + pad)
+
+
+@dataclass
+class TrainConfig:
+    iters: int = -1  # optimizer steps; -1: from train.epochs; 0: initialise adapters, save, stop
+    epochs: float = 3.0
+    global_batch: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch: int = 1  # sequences per forward pass on one rank
+    seq_len: int = 512
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    schedule: str = "linear"  # linear | cosine (decay after warmup)
+    warmup: int = 100  # steps of linear warmup
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0  # global gradient-norm clip; 0 disables
+    seed: int = 42
+    eval_every: int = 100  # validation / forgetting every N steps (and at the end); 0: only at the end
+    eval_batches: int = 8  # micro-batches per evaluation
+    log_every: int = 1
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    sp: bool = False  # sequence parallelism (needs tp > 1)
+
+
+@dataclass
+class PeftConfig:
+    method: str = "milora"  # lora | pissa | milora | mica
+    rank: int = 32
+    alpha: float | None = None  # None: alpha = rank
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(PAPER_TARGETS))
+    residual: str = "branch"  # branch | merge (PiSSA/MiLoRA, see README "Residual modes")
+    svd_backend: str = "gram"  # gram | exact
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/run"
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    keep_last: int = 2  # checkpoints kept (the newest ones)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def peft_config(self):
+        """The adapter config (validates method, rank, dropout, targets, residual)."""
+        from ..adapters.config import AdapterConfig
+
+        p = self.peft
+        return AdapterConfig(method=p.method, rank=p.rank, alpha=p.alpha, dropout=p.dropout,
+                             targets=list(p.targets), residual=p.residual, svd_backend=p.svd_backend,
+                             seed=self.train.seed)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def valid_keys(cls=RunConfig, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += valid_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _coerce(key: str, value, hint):
+    """Check (and where lossless, convert) ``value`` for a field typed ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(key, v, args[0]) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys: {', '.join(valid_keys())}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} must be a section (mapping), got {value!r}")
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, hint)
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if key.strip() not in valid_keys():
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    data: dict = {}
+    if path:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        apply_override(data, item)
+    cfg = _build(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    t, p = cfg.train, cfg.parallel
+    checks = [
+        (t.micro_batch >= 1, f"train.micro_batch must be >= 1, got {t.micro_batch}"),
+        (t.global_batch >= 1, f"train.global_batch must be >= 1, got {t.global_batch}"),
+        (t.seq_len >= 2, f"train.seq_len must be >= 2, got {t.seq_len}"),
+        (t.iters >= -1, f"train.iters must be >= 0 (or -1: from train.epochs), got {t.iters}"),
+        (t.iters != -1 or t.epochs > 0, "train.epochs must be > 0 when train.iters is -1"),
+        (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
+        (t.warmup >= 0, f"train.warmup must be >= 0, got {t.warmup}"),
+        (t.schedule in ("linear", "cosine"), f"train.schedule must be linear or cosine, got {t.schedule!r}"),
+        (p.tp >= 1 and p.pp >= 1, f"parallel.tp and parallel.pp must be >= 1, got {p.tp}, {p.pp}"),
+        (cfg.data.template in ("alpaca", "metamath"), f"data.template must be alpaca or metamath, got {cfg.data.template!r}"),
+        (cfg.model.spec in ("local", "te"), f"model.spec must be local or te, got {cfg.model.spec!r}"),
+        (cfg.output.save_every >= 0, "output.save_every must be >= 0"),
+        (cfg.output.keep_last >= 1, "output.keep_last must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    try:
+        cfg.peft_config()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def describe() -> str:
+    """Every key with its default, for --help."""
+    lines = []
+    default = RunConfig().to_dict()
+    for key in valid_keys():
+        section, name = key.split(".", 1)
+        lines.append(f"  {key} = {default[section][name]!r}")
+    return "\n".join(lines)

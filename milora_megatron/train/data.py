@@ -1,0 +1,145 @@
+"""Instruction data through the ``datasets`` library: local files -> prompt/response token
+sequences with the loss on the response only -> fixed-length samples -> a deterministic,
+resumable order sharded over data-parallel ranks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IGNORE = 0  # loss-mask value of prompt and padding positions
+
+_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                   "context. Write a response that appropriately completes the request.\n\n")
+_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+
+
+def _alpaca(record: dict) -> tuple[str, str]:
+    if record.get("input"):
+        prompt = f"{_PREAMBLE_INPUT}### Instruction:\n{record['instruction']}\n\n### Input:\n{record['input']}\n\n### Response:\n"
+    else:
+        prompt = f"{_PREAMBLE}### Instruction:\n{record['instruction']}\n\n### Response:\n"
+    return prompt, record["output"]
+
+
+def _metamath(record: dict) -> tuple[str, str]:
+    return f"{_PREAMBLE}### Instruction:\n{record['query']}\n\n### Response:\n", record["response"]
+
+
+# template -> (fields that must be present, optional fields, formatter)
+TEMPLATES = {
+    "alpaca": (("instruction", "output"), ("input",), _alpaca),
+    "metamath": (("query", "response"), (), _metamath),
+}
+
+
+def load_records(path: str):
+    """A ``datasets.Dataset`` from a jsonl/json/parquet file or a ``save_to_disk`` folder."""
+    import datasets
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if os.path.isdir(path):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        return ds
+    ext = path.rsplit(".", 1)[-1].lower()
+    kind = {"jsonl": "json", "json": "json", "parquet": "parquet", "txt": "text"}.get(ext)
+    if kind is None:
+        raise ValueError(f"{path}: unsupported data file type .{ext} (jsonl, json, parquet, txt or a save_to_disk folder)")
+    return datasets.load_dataset(kind, data_files=path, split="train")
+
+
+def tokenize_examples(path: str, template: str, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(token ids, loss mask) per record: BOS + prompt (mask 0) + response + EOS (mask 1)."""
+    required, _optional, fmt = TEMPLATES[template]
+    records = load_records(path)
+    line_word = "line" if path.endswith(".jsonl") else "record"
+    out = []
+    for index, record in enumerate(records):
+        missing = [f for f in required if record.get(f) is None]
+        if missing:
+            where = f"{line_word} {index + 1}" if line_word == "line" else f"record index {index}"
+            raise ValueError(f"{path}, {where}: missing field(s) {missing} required by the {template!r} template")
+        prompt, response = fmt(record)
+        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = np.asarray(p + r, dtype=np.int64)
+        mask = np.concatenate([np.zeros(len(p), np.float32), np.ones(len(r), np.float32)])
+        out.append((ids, mask))
+    if not out:
+        raise ValueError(f"{path} holds no records")
+    return out
+
+
+def to_samples(examples, seq_len: int, pad_id: int, pack: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, seq_len + 1] tokens and loss masks: each example truncated/padded, or packed."""
+    n = seq_len + 1
+    if pack:
+        ids = np.concatenate([e[0] for e in examples])
+        mask = np.concatenate([e[1] for e in examples])
+        count = max(1, len(ids) // n)
+        ids = np.resize(ids, count * n) if len(ids) < n else ids[: count * n]
+        mask = np.resize(mask, count * n) if len(mask) < n else mask[: count * n]
+        return torch.from_numpy(ids.reshape(count, n).copy()), torch.from_numpy(mask.reshape(count, n).copy())
+    tokens = np.full((len(examples), n), pad_id, dtype=np.int64)
+    masks = np.zeros((len(examples), n), dtype=np.float32)
+    for i, (ids, mask) in enumerate(examples):
+        k = min(len(ids), n)
+        tokens[i, :k], masks[i, :k] = ids[:k], mask[:k]
+    return torch.from_numpy(tokens), torch.from_numpy(masks)
+
+
+def text_samples(path: str, tokenizer, seq_len: int, max_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """General text (a ``text`` column or a .txt file) cut into seq_len + 1 token windows, all scored."""
+    records = load_records(path)
+    if "text" not in records.column_names:
+        raise ValueError(f"{path}: forgetting data needs a 'text' column (or a .txt file), found {records.column_names}")
+    ids = []
+    for record in records:
+        if record["text"]:
+            ids += tokenizer(record["text"], add_special_tokens=False)["input_ids"]
+    n = seq_len + 1
+    count = len(ids) // n
+    if max_samples:
+        count = min(count, max_samples)
+    if count == 0:
+        raise ValueError(f"{path}: fewer than {n} tokens of text")
+    tokens = torch.tensor(ids[: count * n], dtype=torch.int64).view(count, n)
+    return tokens, torch.ones(count, n, dtype=torch.float32)
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # [b, s] inputs
+    labels: torch.Tensor  # [b, s] next tokens
+    mask: torch.Tensor  # [b, s] 1 where the label is scored
+
+
+def make_batch(tokens: torch.Tensor, mask: torch.Tensor) -> Batch:
+    return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask[:, 1:].contiguous())
+
+
+class SampleOrder:
+    """Epoch-wise permutations seeded by (seed, epoch); a step's global batch is cut into
+    data-parallel shards, each into micro-batches. Position = samples consumed (resumable)."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed = num_samples, seed
+        self._perm_epoch, self._perm = -1, None
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_samples)
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.num_samples, generator=gen), epoch
+        return int(self._perm[offset])
+
+    def step_indices(self, position: int, global_batch: int, dp_rank: int, dp_size: int) -> list[int]:
+        per_rank = global_batch // dp_size
+        start = position + dp_rank * per_rank
+        return [self._index(p) for p in range(start, start + per_rank)]

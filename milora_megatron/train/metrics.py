@@ -1,0 +1,62 @@
+"""Console progress lines and ``metrics.jsonl``; GPU telemetry through nvidia-ml-py when present."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+def _gpu_stats() -> dict:
+    try:
+        import pynvml
+        import torch
+
+        if not torch.cuda.is_available():
+            return {}
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        util = pynvml.nvmlDeviceGetUtilizationRates(handle)
+        return {
+            "gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "gpu_util": util.gpu,
+            "gpu_power_w": round(pynvml.nvmlDeviceGetPowerUsage(handle) / 1000, 1),
+        }
+    except Exception:  # telemetry must never stop training
+        return {}
+
+
+class MetricsLog:
+    """Written by one rank only (the caller decides which)."""
+
+    def __init__(self, out_dir: str, total_steps: int, enabled: bool):
+        self.enabled, self.total = enabled, total_steps
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.start = time.time()
+        self.first_step = None
+
+    def log(self, record: dict, console: bool = True) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        if "step" in record and "loss" in record:
+            record.update(_gpu_stats())
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if console:
+            print(self._line(record), flush=True)
+
+    def _line(self, r: dict) -> str:
+        if "loss" not in r:
+            return " | ".join(f"{k} {v}" for k, v in r.items() if k != "time")
+        step = r["step"]
+        if self.first_step is None:
+            self.first_step, self.start = step - 1, time.time() - r.get("step_time_s", 0.0)
+        done = step - self.first_step
+        rate = (time.time() - self.start) / max(done, 1)
+        eta = rate * (self.total - step)
+        parts = [f"step {step}/{self.total}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.3e}",
+                 f"tokens/s {r['tokens_per_s']:.0f}", f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"]
+        if "gpu_mem_gib" in r:
+            parts.append(f"mem {r['gpu_mem_gib']} GiB")
+        return " | ".join(parts)

@@ -1,0 +1,214 @@
+"""The trainer end to end on a tiny converted Llama: TP2 x PP2 (with and without SP) gives
+TP=1's loss sequence, resume after a kill continues it exactly, SIGTERM saves, iters=0 saves
+the initial adapters, and the loss is on response tokens only."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hf_tiny import alpaca_records, make_hf_llama, make_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "launch", "pretrain_milora.py")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from milora_megatron.convert.importer import convert_hf_to_megatron
+
+    root = tmp_path_factory.mktemp("train")
+    records = alpaca_records(48)
+    texts = [json.dumps(r) for r in records] * 4
+    make_hf_llama(str(root / "hf"), tied=False, seed=7, vocab=512)
+    make_tokenizer(str(root / "hf"), texts, vocab=512)
+    ckpt = convert_hf_to_megatron(str(root / "hf"), str(root / "ckpt"), tp=2, pp=2, progress=False)
+    with open(root / "train.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    with open(root / "valid.jsonl", "w") as f:
+        for r in alpaca_records(8, seed=1):
+            f.write(json.dumps(r) + "\n")
+    (root / "general.txt").write_text(" ".join(texts[:20]))
+    return root, ckpt
+
+
+def _torchrun(nproc, overrides, env=None, **kwargs):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           LAUNCH, "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), *overrides]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kwargs)
+
+
+def _common(root, ckpt, out, **extra):
+    items = {"model.load": ckpt, "data.train": str(root / "train.jsonl"), "output.dir": str(out),
+             "train.iters": 5, "train.global_batch": 4, "train.micro_batch": 1, "train.seq_len": 256,
+             "train.warmup": 1, "train.eval_every": 0, "peft.dropout": 0.0, "peft.rank": 4,
+             "train.clip_grad": 0.05, "output.save_every": 0, **extra}
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def _losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def _run(nproc, overrides):
+    proc = _torchrun(nproc, overrides)
+    text, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, text[-3000:]
+    return text
+
+
+def test_tp2_pp2_matches_tp1(setup, tmp_path):
+    root, ckpt = setup
+    ref = tmp_path / "tp1"
+    _run(1, _common(root, ckpt, ref, **{"parallel.tp": 1, "parallel.pp": 1}))
+    expected = _losses(ref)
+    assert len(expected) == 5 and expected[-1] < expected[0]
+    for sp in ("false", "true"):
+        out = tmp_path / f"tp2pp2_sp{sp}"
+        _run(4, _common(root, ckpt, out, **{"parallel.tp": 2, "parallel.pp": 2, "parallel.sp": sp}))
+        got = _losses(out)
+        rel = max(abs(a - b) / abs(b) for a, b in zip(got, expected))
+        assert rel <= 1e-5, (sp, got, expected)
+
+
+def _last_losses(out):
+    """Step -> loss, the last record of each step (a resumed run repeats the steps after its checkpoint)."""
+    by_step = {}
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        for r in map(json.loads, f):
+            if "loss" in r:
+                by_step[r["step"]] = r["loss"]
+    return by_step
+
+
+def _workers(out, launcher_pid):
+    found = subprocess.run(["pgrep", "-f", f"pretrain_milora.py.*output.dir={out}"], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split() if int(p) != launcher_pid]
+
+
+def test_resume_after_kill_continues_exactly(setup, tmp_path):
+    root, ckpt = setup
+    extra = {"train.iters": 12, "train.global_batch": 8, "output.save_every": 3, "parallel.tp": 1, "peft.dropout": 0.05}
+    _run(1, _common(root, ckpt, tmp_path / "straight", **extra))
+    expected = _last_losses(tmp_path / "straight")
+    out = tmp_path / "killed"
+    proc = _torchrun(1, _common(root, ckpt, out, **extra))
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    for pid in _workers(out, proc.pid) + [proc.pid]:  # torchrun starts workers in their own sessions
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate()
+    killed_at = max(_last_losses(out))
+    assert killed_at < 12, "the run finished before it could be killed"
+    _run(1, _common(root, ckpt, out, **extra))
+    got = _last_losses(out)
+    assert sorted(got) == list(range(1, 13))
+    assert got == expected  # bit-identical in fp32 on CPU, dropout included
+
+
+def test_sigterm_saves_and_exits_cleanly(setup, tmp_path):
+    root, ckpt = setup
+    out = tmp_path / "term"
+    proc = _torchrun(1, _common(root, ckpt, out, **{"train.iters": 500, "parallel.tp": 1}))
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
+        time.sleep(0.05)
+    pids = _workers(out, proc.pid)
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, text[-2000:]
+    assert "after a stop signal" in text
+    step = max(_last_losses(out))
+    assert step < 500
+    assert (out / "checkpoints" / f"step_{step:07d}" / "adapter.json").exists()
+
+
+def test_zero_iterations_saves_initial_adapters(setup, tmp_path):
+    from milora_megatron.checkpoint.adapters import AdapterCheckpoint
+
+    root, ckpt = setup
+    out = tmp_path / "zero"
+    _run(2, _common(root, ckpt, out, **{"train.iters": 0, "parallel.tp": 2}))
+    saved = AdapterCheckpoint(str(out))
+    assert saved.meta["step"] == 0
+    factors = saved.tensors()
+    a = [k for k in factors if k.endswith(".lora_A")]
+    assert len(a) == 4 * 5  # 4 layers x paper targets
+    for key in a:
+        assert torch.equal(factors[key], factors[key + "0"])  # A == A0 before any step
+
+
+def test_loss_mask_covers_the_response_only(setup):
+    from transformers import AutoTokenizer
+
+    from milora_megatron.train.data import tokenize_examples
+
+    root, ckpt = setup
+    tok = AutoTokenizer.from_pretrained(os.path.join(ckpt, "hf"))
+    records = [json.loads(line) for line in open(root / "train.jsonl")]
+    for (ids, mask), rec in zip(tokenize_examples(str(root / "train.jsonl"), "alpaca", tok), records):
+        scored = ids[mask > 0].tolist()
+        assert scored[-1] == tok.eos_token_id
+        assert tok.decode(scored[:-1]) == rec["output"]
+        assert rec["instruction"] in tok.decode(ids[mask == 0].tolist())
+        assert ids[0] == tok.bos_token_id
+
+
+def test_missing_template_field_names_file_and_line(setup, tmp_path):
+    from transformers import AutoTokenizer
+
+    from milora_megatron.train.data import tokenize_examples
+
+    _, ckpt = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
+    tok = AutoTokenizer.from_pretrained(os.path.join(ckpt, "hf"))
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: missing field\(s\) \['output'\]"):
+        tokenize_examples(str(bad), "alpaca", tok)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.lrr=1"], "unknown config key 'train.lrr'; valid keys: model.load"),
+    (["train.iters=abc"], "train.iters must be an integer"),
+    (["parallel.sp=3"], "parallel.sp must be true or false"),
+    (["peft.method=dora"], "unknown"),
+    (["train.lr"], "is not key=value"),
+])
+def test_config_errors(overrides, message):
+    from milora_megatron.train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), overrides)
+
+
+def test_shipped_configs_load_with_the_contract_keys():
+    from milora_megatron.train.config import load_config, valid_keys
+
+    contract = ["model.load", "data.train", "data.valid", "data.template", "train.iters", "train.epochs",
+                "train.global_batch", "train.micro_batch", "train.seq_len", "train.lr", "train.warmup", "train.seed",
+                "parallel.tp", "parallel.pp", "parallel.sp", "peft.method", "peft.rank", "peft.alpha", "peft.dropout",
+                "peft.targets", "output.dir", "output.save_every"]
+    assert set(contract) <= set(valid_keys())
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        cfg = load_config(os.path.join(ROOT, "configs", name))
+        if name.startswith("llama3_8b"):
+            assert cfg.peft.rank in (32, 64) and cfg.train.lr == 3e-4 and cfg.train.warmup == 100
+            assert cfg.train.global_batch == 16 and cfg.train.epochs == 3 and cfg.peft.dropout == 0.05
+    cli = subprocess.run([sys.executable, LAUNCH, "--help"], capture_output=True, text=True, check=True).stdout
+    for key in contract:
+        assert key in cli
+    bad = subprocess.run([sys.executable, LAUNCH, "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "x.y=1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "valid keys" in bad.stderr
