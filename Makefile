@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo demo-adapters test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,14 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-# Foundation demo: MiLoRA on a tiny Llama-shaped megatron model, TP=2 over gloo on CPU.
+# The user path on a tiny Llama on CPU: HF folder -> convert (TP=2) -> torchrun train MiLoRA
+# -> merged HF + PEFT adapter -> transformers generate. Everything lands in runs/demo.
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node 2 launch/demo_adapters.py --method milora
+	$(PY) launch/demo_pipeline.py --method milora
+
+# Foundation demo: the adapters alone on a tiny megatron model, TP=2 over gloo.
+demo-adapters: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 launch/demo_adapters.py --method milora
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_subspace_init.py

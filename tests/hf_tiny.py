@@ -1,74 +1,15 @@
-"""Tiny Llama models in Hugging Face format, built locally (nothing is downloaded)."""
+"""Tiny HF Llamas for the tests (the builders live in the package, shared with the demo)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-TINY = dict(layers=4, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=1000)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64, "rope_theta": 500000.0}
-
-
-def hf_config(tied: bool = False, **shape):
-    from transformers import LlamaConfig
-
-    s = {**TINY, **shape}
-    return LlamaConfig(
-        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
-        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-        max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tied,
-        rope_parameters=dict(LLAMA3_ROPE), bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        architectures=["LlamaForCausalLM"],
-    )
-
-
-def make_hf_llama(path: str, tied: bool = False, seed: int = 0, dtype=torch.float32,
-                  max_shard_size: str = "100KB", **shape):
-    """Save a random tiny Llama at ``path`` (sharded safetensors + index) and return the model.
-
-    Weights are scaled so activations and logits are O(1): with HF's default 0.02 init the
-    logits are ~1e-3 and any comparison at 1e-4 would be vacuous.
-    """
-    from transformers import GenerationConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(hf_config(tied, **shape))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
-    model = model.to(dtype)
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, max_new_tokens=4)
-    model.save_pretrained(path, max_shard_size=max_shard_size)
-    return model.eval()
+from milora_megatron.models.tiny_hf import LLAMA3_ROPE, TINY, hf_config, make_hf_llama, make_tokenizer  # noqa: F401
 
 
 def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=tokens).logits.float()
-
-
-def make_tokenizer(path: str, texts: list[str], vocab: int = 1000) -> None:
-    """A byte-level BPE tokenizer trained on ``texts`` (local, seconds), saved into ``path``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.add_bos_token = True
-    from tokenizers import processors
-
-    fast._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast.save_pretrained(path)
 
 
 def alpaca_records(n: int, seed: int = 0) -> list[dict]:
@@ -79,7 +20,7 @@ def alpaca_records(n: int, seed: int = 0) -> list[dict]:
     out = []
     for i in range(n):
         a, b = rng.randint(1, 50), rng.randint(1, 50)
-        rec = {"instruction": f"Add the two numbers.", "input": f"{a} and {b}", "output": f"The sum is {a + b}."}
+        rec = {"instruction": "Add the two numbers.", "input": f"{a} and {b}", "output": f"The sum is {a + b}."}
         if i % 3 == 0:
             rec = {"instruction": f"What is {a} plus {b}?", "output": f"{a} plus {b} is {a + b}."}
         out.append(rec)
