@@ -1,0 +1,94 @@
+#!/bin/bash
+# MiLoRA fine-tuning of Llama-3-8B on a GPU cluster: convert -> train -> export.
+#
+#   sbatch slurm/llama3_8b_milora.sh                      # defaults below
+#   HF_MODEL=/models/Meta-Llama-3-8B DATA=/data/train.jsonl OUTPUT_DIR=/scratch/milora \
+#     sbatch --nodes 2 slurm/llama3_8b_milora.sh
+#   GPUS_PER_NODE=0 sbatch --gpus-per-node=0 slurm/llama3_8b_milora.sh   # CPU + gloo (tiny models)
+#
+# Steps (each skipped when its output already exists, so a requeued job resumes):
+#   1. tools/convert/hf_to_megatron.py  HF_MODEL -> OUTPUT_DIR/base_ckpt   (first node, one process)
+#   2. torchrun launch/pretrain_milora.py on every node (c10d rendezvous on the first node);
+#      checkpoints in OUTPUT_DIR/run; rerunning resumes from the latest one
+#   3. tools/convert/megatron_to_hf.py  -> OUTPUT_DIR/hf_merged and OUTPUT_DIR/peft_adapter
+#
+# Environment (defaults): HF_MODEL (required), DATA (required), OUTPUT_DIR (./runs/llama3_8b_milora),
+# TP (8), PP (1), CONFIG (configs/llama3_8b_milora.yaml), GPUS_PER_NODE (8),
+# EXTRA_ARGS (extra key=value overrides for the trainer).
+#
+# Preemption / time limit: Slurm sends USR1 120 s before the end (--signal=B:USR1@120 goes to
+# this batch shell); the trap forwards it to the training processes, which save a checkpoint
+# and exit 0; the job is then requeued and resumes.
+#SBATCH --job-name=milora-llama3-8b
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=milora-%j.out
+
+set -euo pipefail
+
+REPO="${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}}"
+PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
+HF_MODEL="${HF_MODEL:?set HF_MODEL to a local Hugging Face Llama folder}"
+DATA="${DATA:?set DATA to the training file (jsonl/json/parquet or a save_to_disk folder)}"
+OUTPUT_DIR="${OUTPUT_DIR:-$REPO/runs/llama3_8b_milora}"
+TP="${TP:-8}"
+PP="${PP:-1}"
+CONFIG="${CONFIG:-$REPO/configs/llama3_8b_milora.yaml}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
+EXTRA_ARGS="${EXTRA_ARGS:-}"
+
+NNODES="${SLURM_JOB_NUM_NODES:-1}"
+NPROC=$(( GPUS_PER_NODE > 0 ? GPUS_PER_NODE : TP * PP ))
+HEAD_NODE=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1 || hostname)
+PORT="${MASTER_PORT:-$(( 20000 + ${SLURM_JOB_ID:-0} % 20000 ))}"
+CKPT="$OUTPUT_DIR/base_ckpt"
+RUN="$OUTPUT_DIR/run"
+mkdir -p "$OUTPUT_DIR"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+[ "$GPUS_PER_NODE" -eq 0 ] && export CUDA_VISIBLE_DEVICES=""
+
+echo "[$(date)] job ${SLURM_JOB_ID:-none} nodes=$NNODES procs/node=$NPROC TP=$TP PP=$PP out=$OUTPUT_DIR"
+
+# 1. convert (once)
+if [ ! -f "$CKPT/milora_base.json" ]; then
+  "$PYTHON" "$REPO/tools/convert/hf_to_megatron.py" --hf-dir "$HF_MODEL" --out "$CKPT" --tp "$TP" --pp "$PP" --overwrite
+fi
+
+# 2. train; USR1/TERM from Slurm are forwarded to the trainer processes on every node
+forward() {
+  echo "[$(date)] received $1: asking the trainer to checkpoint and stop"
+  srun --overlap --ntasks-per-node=1 pkill "-$1" -f "launch/pretrain_milora.py" || true
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+# shellcheck disable=SC2086
+srun --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run \
+  --nnodes "$NNODES" --nproc_per_node "$NPROC" \
+  --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$PORT" --rdzv_id "${SLURM_JOB_ID:-local}" \
+  "$REPO/launch/pretrain_milora.py" --config "$CONFIG" \
+  model.load="$CKPT" data.train="$DATA" output.dir="$RUN" parallel.tp="$TP" parallel.pp="$PP" $EXTRA_ARGS &
+TRAIN_PID=$!
+set +e
+wait $TRAIN_PID; rc=$?
+while kill -0 $TRAIN_PID 2>/dev/null; do wait $TRAIN_PID; rc=$?; done  # wait again after a trapped signal
+set -e
+if [ "$rc" -ne 0 ]; then echo "[$(date)] training failed ($rc)"; exit "$rc"; fi
+
+# finished all steps? (a signal-stopped run saves and exits 0 but is not done)
+if ! grep -q '"event": "done"' "$RUN/metrics.jsonl" 2>/dev/null; then
+  echo "[$(date)] stopped before the end; requeueing to resume"
+  [ -n "${SLURM_JOB_ID:-}" ] && scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+
+# 3. export
+"$PYTHON" "$REPO/tools/convert/megatron_to_hf.py" --ckpt "$RUN" --out "$OUTPUT_DIR/hf_merged" --overwrite --quiet
+"$PYTHON" "$REPO/tools/convert/megatron_to_hf.py" --ckpt "$RUN" --out "$OUTPUT_DIR/peft_adapter" --overwrite --adapter-only
+echo "[$(date)] done: merged HF model in $OUTPUT_DIR/hf_merged, PEFT adapter in $OUTPUT_DIR/peft_adapter"
