@@ -12,7 +12,6 @@ Each direction runs as its own process under psutil sampling (RSS of the process
 import argparse
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -44,37 +43,34 @@ def write_random_hf(folder: str, layers: int) -> None:
     def rnd(*shape):
         return (torch.randn(*shape, generator=gen, dtype=torch.float32) * 0.02).to(torch.bfloat16)
 
-    units = [("embed", {"model.embed_tokens.weight": lambda: rnd(cfg["vocab_size"], h)})]
+    tensors = [("model.embed_tokens.weight", lambda: rnd(cfg["vocab_size"], h))]
     for i in range(layers):
         p = f"model.layers.{i}."
-        units.append((f"layer{i}", {
-            p + "input_layernorm.weight": lambda: torch.ones(h, dtype=torch.bfloat16),
-            p + "post_attention_layernorm.weight": lambda: torch.ones(h, dtype=torch.bfloat16),
-            p + "self_attn.q_proj.weight": lambda: rnd(h, h), p + "self_attn.k_proj.weight": lambda: rnd(kv, h),
-            p + "self_attn.v_proj.weight": lambda: rnd(kv, h), p + "self_attn.o_proj.weight": lambda: rnd(h, h),
-            p + "mlp.gate_proj.weight": lambda: rnd(f, h), p + "mlp.up_proj.weight": lambda: rnd(f, h),
-            p + "mlp.down_proj.weight": lambda: rnd(h, f),
-        }))
-    units.append(("final", {"model.norm.weight": lambda: torch.ones(h, dtype=torch.bfloat16),
-                            "lm_head.weight": lambda: rnd(cfg["vocab_size"], h)}))
+        tensors += [
+            (p + "input_layernorm.weight", lambda: torch.ones(h, dtype=torch.bfloat16)),
+            (p + "post_attention_layernorm.weight", lambda: torch.ones(h, dtype=torch.bfloat16)),
+            (p + "self_attn.q_proj.weight", lambda: rnd(h, h)), (p + "self_attn.k_proj.weight", lambda: rnd(kv, h)),
+            (p + "self_attn.v_proj.weight", lambda: rnd(kv, h)), (p + "self_attn.o_proj.weight", lambda: rnd(h, h)),
+            (p + "mlp.gate_proj.weight", lambda: rnd(f, h)), (p + "mlp.up_proj.weight", lambda: rnd(f, h)),
+            (p + "mlp.down_proj.weight", lambda: rnd(h, f)),
+        ]
+    tensors += [("model.norm.weight", lambda: torch.ones(h, dtype=torch.bfloat16)),
+                ("lm_head.weight", lambda: rnd(cfg["vocab_size"], h))]
     limit = 5 * 10**9  # HF's usual shard size for this model
-    weight_map, shard_id, pending, pending_bytes = {}, 0, {}, 0
-    for _, makers in units:
-        for key, make in makers.items():
-            t = make()
-            pending[key] = t
-            pending_bytes += t.numel() * 2
-        if pending_bytes >= limit:
-            shard_id += 1
-            name = f"model-{shard_id:05d}.safetensors"
-            save_file(pending, os.path.join(folder, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in pending})
-            pending, pending_bytes = {}, 0
-    if pending:
-        shard_id += 1
-        name = f"model-{shard_id:05d}.safetensors"
+    weight_map, pending = {}, {}
+
+    def flush():
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
         save_file(pending, os.path.join(folder, name), metadata={"format": "pt"})
         weight_map.update({k: name for k in pending})
+        pending.clear()
+
+    for key, make in tensors:
+        pending[key] = make()
+        if sum(t.numel() * 2 for t in pending.values()) >= limit:
+            flush()
+    if pending:
+        flush()
     total = sum(os.path.getsize(os.path.join(folder, f)) for f in set(weight_map.values()))
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as fh:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh)
@@ -84,12 +80,9 @@ def write_random_hf(folder: str, layers: int) -> None:
 
 def write_random_adapter(run: str, base_path: str, rank: int = 32) -> None:
     """A MiLoRA adapter checkpoint (A, B, A0, B0 random, fp32) in the run-folder format."""
-    from safetensors.torch import save_file
-
     from milora_megatron.adapters import AdapterConfig
     from milora_megatron.adapters.targets import HF_MODULE_PREFIX
-    from milora_megatron.checkpoint import adapters as fmt
-    from milora_megatron.checkpoint.atomic import atomic_directory, write_text_atomic
+    from milora_megatron.checkpoint.adapters import step_dir, write_adapter_checkpoint
     from milora_megatron.checkpoint.base import BaseCheckpoint
 
     base = BaseCheckpoint(base_path)
@@ -105,15 +98,7 @@ def write_random_adapter(run: str, base_path: str, rank: int = 32) -> None:
             m = f"model.layers.{i}.{HF_MODULE_PREFIX[t]}.{t}"
             for name, shape in (("lora_A", (rank, in_)), ("lora_B", (out_, rank)), ("lora_A0", (rank, in_)), ("lora_B0", (out_, rank))):
                 factors[f"{m}.{name}"] = torch.randn(shape) * 0.01
-    path = fmt.step_dir(run, 1)
-    with atomic_directory(path, overwrite=True) as tmp:
-        save_file(factors, os.path.join(tmp, "adapter-stage000.safetensors"))
-        from dataclasses import asdict
-        with open(os.path.join(tmp, fmt.META), "w") as fh:
-            json.dump({"format": fmt.FORMAT, "version": fmt.VERSION, "step": 1, "peft": asdict(cfg),
-                       "base": {"path": base.path, "fingerprint": base.fingerprint}, "stages": 1,
-                       "files": ["adapter-stage000.safetensors"]}, fh)
-    write_text_atomic(os.path.join(run, fmt.CHECKPOINTS, fmt.LATEST), os.path.basename(path) + "\n")
+    write_adapter_checkpoint(step_dir(run, 1), factors, cfg, base, step=1)
 
 
 def measured(cmd: list[str]) -> dict:

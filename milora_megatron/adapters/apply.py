@@ -29,6 +29,17 @@ class AdaptedTarget:
         view = self.layout.view(self.module.weight, self.target)
         return view.reshape(-1, view.shape[-1]) if self.shard_dim == 0 else self.module.weight
 
+    @property
+    def adapter(self) -> TargetAdapter:
+        return self.module.adapters[self.target]
+
+    def factor_split_dim(self, factor: str) -> int | None:
+        """The dim of ``lora_A``/``lora_B`` (or A0/B0) split over TP, None if each rank holds it
+        whole: column targets split B's rows, row targets A's columns."""
+        if self.shard_dim == 0:
+            return 0 if factor.startswith("lora_B") else None
+        return 1 if factor.startswith("lora_A") else None
+
 
 def _transformer_layers(model_chunks):
     from megatron.core.transformer.transformer_layer import TransformerLayer

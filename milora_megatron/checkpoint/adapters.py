@@ -32,11 +32,13 @@ def step_dir(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, CHECKPOINTS, f"step_{step:07d}")
 
 
-def _split_dim(factor: str, shard_dim: int) -> int | None:
-    """Which dim of a factor is split over TP: column targets split B's rows, row targets A's columns."""
-    if shard_dim == 0:
-        return 0 if factor in ("lora_B", "lora_B0") else None
-    return 1 if factor in ("lora_A", "lora_A0") else None
+def _local_factors(targets):
+    """(name, this rank's tensor, TP split dim or None) for every factor of ``targets``."""
+    for t in targets:
+        for factor in FACTORS:
+            local = getattr(t.adapter, factor, None)
+            if local is not None:
+                yield f"{t.name}.{factor}", local, t.factor_split_dim(factor)
 
 
 def gather_factors(targets, tp_group=None) -> dict[str, torch.Tensor]:
@@ -45,45 +47,32 @@ def gather_factors(targets, tp_group=None) -> dict[str, torch.Tensor]:
 
     tp = tp_group.size() if tp_group is not None else 1
     out = {}
-    for t in targets:
-        adapter = t.module.adapters[t.target]
-        for factor in FACTORS:
-            local = getattr(adapter, factor, None)
-            if local is None:
-                continue
-            local = local.detach().float().contiguous()
-            dim = _split_dim(factor, t.shard_dim)
-            if dim is not None and tp > 1:
-                parts = [torch.empty_like(local) for _ in range(tp)]
-                dist.all_gather(parts, local, group=tp_group)
-                local = torch.cat(parts, dim=dim)
-            out[f"{t.name}.{factor}"] = local.clone()
+    for key, local, dim in _local_factors(targets):
+        local = local.detach().float().contiguous()
+        if dim is not None and tp > 1:
+            parts = [torch.empty_like(local) for _ in range(tp)]
+            dist.all_gather(parts, local, group=tp_group)
+            local = torch.cat(parts, dim=dim)
+        out[key] = local.clone()
     return out
 
 
 @torch.no_grad()
 def scatter_factors(targets, tensors: dict[str, torch.Tensor], tp_rank: int = 0, tp_size: int = 1) -> None:
     """Load full factors (from ``gather_factors``) into this rank's shards."""
-    for t in targets:
-        adapter = t.module.adapters[t.target]
-        for factor in FACTORS:
-            local = getattr(adapter, factor, None)
-            if local is None:
-                continue
-            key = f"{t.name}.{factor}"
-            if key not in tensors:
-                raise KeyError(f"adapter checkpoint lacks {key}")
-            full = tensors[key]
-            dim = _split_dim(factor, t.shard_dim)
-            if dim is not None:
-                full = full.chunk(tp_size, dim=dim)[tp_rank]
-            if tuple(full.shape) != tuple(local.shape):
-                raise ValueError(f"{key}: checkpoint shape {tuple(full.shape)} does not fit {tuple(local.shape)}")
-            local.copy_(full.to(local.dtype))
+    for key, local, dim in _local_factors(targets):
+        if key not in tensors:
+            raise KeyError(f"adapter checkpoint lacks {key}")
+        full = tensors[key]
+        if dim is not None:
+            full = full.chunk(tp_size, dim=dim)[tp_rank]
+        if tuple(full.shape) != tuple(local.shape):
+            raise ValueError(f"{key}: checkpoint shape {tuple(full.shape)} does not fit {tuple(local.shape)}")
+        local.copy_(full.to(local.dtype))
 
 
 def save_adapter_checkpoint(path: str, targets, peft_config, base, step: int, extra_writer=None) -> None:
-    """Write one checkpoint folder atomically; collective over all ranks.
+    """Write one checkpoint folder of a (possibly distributed) run atomically; collective over all ranks.
 
     ``base`` is the ``BaseCheckpoint`` trained on; ``extra_writer(tmp_dir)``, if given, lets
     every rank add its own files (optimizer, RNG and data state) before the commit.
@@ -91,18 +80,32 @@ def save_adapter_checkpoint(path: str, targets, peft_config, base, step: int, ex
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    distributed = dist.is_initialized()
-    tp_group = ps.get_tensor_model_parallel_group() if distributed else None
-    factors = gather_factors(targets, tp_group)
-    writer = not distributed or (ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0)
-    stage = ps.get_pipeline_model_parallel_rank() if distributed else 0
-    stages = ps.get_pipeline_model_parallel_world_size() if distributed else 1
-    with atomic_directory(path, overwrite=True, group=dist.group.WORLD if distributed else None) as tmp:
-        if writer:
+    if not dist.is_initialized():
+        write_adapter_checkpoint(path, gather_factors(targets), peft_config, base, step, extra_writer=extra_writer)
+        return
+    factors = gather_factors(targets, ps.get_tensor_model_parallel_group())
+    write_adapter_checkpoint(
+        path, factors, peft_config, base, step,
+        stage=ps.get_pipeline_model_parallel_rank(), stages=ps.get_pipeline_model_parallel_world_size(),
+        writes_factors=ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0,
+        group=dist.group.WORLD, extra_writer=extra_writer,
+    )
+
+
+def write_adapter_checkpoint(path: str, factors: dict[str, torch.Tensor], peft_config, base, step: int,
+                             stage: int = 0, stages: int = 1, writes_factors: bool = True, group=None,
+                             extra_writer=None) -> None:
+    """The checkpoint folder from full factors (this stage's), then ``latest`` pointed at it.
+    With a ``group``, every member calls it; its first rank writes the metadata and the pointer."""
+    import torch.distributed as dist
+
+    lead = group is None or dist.get_rank(group) == 0
+    with atomic_directory(path, overwrite=True, group=group) as tmp:
+        if writes_factors:
             save_file(factors, os.path.join(tmp, f"adapter-stage{stage:03d}.safetensors"))
         if extra_writer is not None:
             extra_writer(tmp)
-        if not distributed or dist.get_rank() == 0:
+        if lead:
             meta = {
                 "format": FORMAT, "version": VERSION, "step": step, "peft": asdict(peft_config),
                 "base": {"path": base.path, "fingerprint": base.fingerprint},
@@ -110,11 +113,11 @@ def save_adapter_checkpoint(path: str, targets, peft_config, base, step: int, ex
             }
             with open(os.path.join(tmp, META), "w") as f:
                 json.dump(meta, f, indent=2, sort_keys=True)
-    if not distributed or dist.get_rank() == 0:
+    if lead:
         run_checkpoints = os.path.dirname(os.path.abspath(path))
         write_text_atomic(os.path.join(run_checkpoints, LATEST), os.path.basename(path) + "\n")
-    if distributed:
-        dist.barrier()
+    if group is not None:
+        dist.barrier(group=group)
 
 
 def resolve_checkpoint_dir(path: str) -> str:

@@ -16,6 +16,7 @@ which a training run records so an export can tell if the base was replaced.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -117,7 +118,7 @@ class BaseCheckpoint:
         for j, layer in enumerate(decoder.layers if decoder is not None else []):
             local_to_global[f"decoder.layers.{j}."] = f"decoder.layers.{layer.layer_number - 1}."
         handles = {}
-        try:
+        with contextlib.ExitStack() as open_files:
             for name, param in model.named_parameters():
                 if ".adapters." in name:
                     continue
@@ -126,11 +127,8 @@ class BaseCheckpoint:
                 if file is None:
                     raise KeyError(f"base checkpoint {self.path} has no tensor for parameter {name} ({global_name})")
                 if file not in handles:
-                    handles[file] = safe_open(os.path.join(self.path, file), framework="pt").__enter__()
+                    handles[file] = open_files.enter_context(safe_open(os.path.join(self.path, file), framework="pt"))
                 param.copy_(self._read_shard(handles[file], global_name, tuple(param.shape), param.dtype, tp_rank, tp_size))
-        finally:
-            for h in handles.values():
-                h.__exit__(None, None, None)
 
     def _global_name(self, name: str, local_to_global: dict[str, str]) -> str:
         if name == LM_HEAD[1] and self.shape.tied:

@@ -15,13 +15,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..adapters.targets import HF_MODULE_PREFIX
 from ..checkpoint.adapters import AdapterCheckpoint
 from ..checkpoint.atomic import atomic_directory
 from ..checkpoint.base import DTYPES, BaseCheckpoint, is_base_checkpoint
+from .hf_folder import INDEX_NAME
 from .llama_mapping import EMBEDDING, FINAL_NORM, LM_HEAD, hf_layer_prefix, megatron_to_hf_layer
-
-INDEX_NAME = "model.safetensors.index.json"
 
 
 def open_checkpoint(path: str, verify: bool = True) -> tuple[BaseCheckpoint, AdapterCheckpoint | None]:

@@ -8,10 +8,12 @@ tensor in fp32 (out of memory at Llama-3-8B shape, see the platform notes) and i
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
@@ -65,19 +67,13 @@ class SDPAttention(MegatronModule):
         causal = mask_type == AttnMaskType.causal
         mask = None if causal or attention_mask is None else ~attention_mask  # megatron: True = masked
         dropout = self.dropout if self.training else 0.0
-        if dropout > 0.0:
-            from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-            with get_cuda_rng_tracker().fork():
-                out = self._sdpa(q, k, v, mask, causal, dropout)
-        else:
-            out = self._sdpa(q, k, v, mask, causal, 0.0)
+        # heads are split over TP ranks: each needs its own dropout stream, as in megatron
+        rng = get_cuda_rng_tracker().fork() if dropout > 0.0 else contextlib.nullcontext()
+        with rng:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                                 scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
         b, h, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
-
-    def _sdpa(self, q, k, v, mask, causal, dropout):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
-                                              scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def local_layer_spec():
@@ -94,7 +90,7 @@ def local_layer_spec():
 def te_layer_spec():
     """transformer-engine's GPT layer spec (fused kernels); only when TE imports."""
     try:
-        import transformer_engine  # noqa: F401
+        import transformer_engine  # noqa: F401  (only to learn whether it imports)
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
     except ImportError as exc:
         raise RuntimeError(

@@ -77,15 +77,15 @@ def tokenize_examples(path: str, template: str, tokenizer) -> list[tuple[np.ndar
 
 
 def to_samples(examples, seq_len: int, pad_id: int, pack: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, seq_len + 1] tokens and loss masks: each example truncated/padded, or packed."""
+    """[N, seq_len + 1] tokens and loss masks: each example truncated/padded, or packed
+    (data shorter than one sequence is padded instead)."""
     n = seq_len + 1
-    if pack:
+    if pack and sum(len(e[0]) for e in examples) >= n:
         ids = np.concatenate([e[0] for e in examples])
         mask = np.concatenate([e[1] for e in examples])
-        count = max(1, len(ids) // n)
-        ids = np.resize(ids, count * n) if len(ids) < n else ids[: count * n]
-        mask = np.resize(mask, count * n) if len(mask) < n else mask[: count * n]
-        return torch.from_numpy(ids.reshape(count, n).copy()), torch.from_numpy(mask.reshape(count, n).copy())
+        count = len(ids) // n  # the remainder (< one sequence) is dropped
+        return (torch.from_numpy(ids[: count * n].reshape(count, n).copy()),
+                torch.from_numpy(mask[: count * n].reshape(count, n).copy()))
     tokens = np.full((len(examples), n), pad_id, dtype=np.int64)
     masks = np.zeros((len(examples), n), dtype=np.float32)
     for i, (ids, mask) in enumerate(examples):

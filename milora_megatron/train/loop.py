@@ -9,7 +9,6 @@ the coupling; gradients are summed over data-parallel ranks once per step instea
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -120,6 +119,10 @@ class Trainer:
         self.targets: list[AdaptedTarget] = apply_adapters(self.model, self.peft, ps.get_tensor_model_parallel_group(),
                                                            ps.get_data_parallel_group(), progress=verbose)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # factors every TP rank holds whole (column A, row B): counted once in the grad norm
+        replicated = {id(getattr(t.adapter, f)) for t in self.targets for f in ("lora_A", "lora_B")
+                      if t.factor_split_dim(f) is None}
+        self.norm_params = [p for p in self.params if id(p) not in replicated or self.tp_rank == 0]
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
         self.data = load_data(cfg, self.base)
         self.order = D.SampleOrder(len(self.data.train[0]), t.seed)
@@ -130,10 +133,6 @@ class Trainer:
         self._stop_signal = None
 
     # ---- bookkeeping -------------------------------------------------------------------
-    def _replicated_over_tp(self, t: AdaptedTarget):
-        ad = t.module.adapters[t.target]
-        return [ad.lora_A] if t.shard_dim == 0 else [ad.lora_B]
-
     def resume_or_start(self) -> None:
         os.makedirs(self.out, exist_ok=True)
         latest = None
@@ -211,12 +210,13 @@ class Trainer:
         )
         return self._from_last_stage(sum(r["loss_sum"].item() for r in results) if results else 0.0)
 
-    def _from_last_stage(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
+    def _from_last_stage(self, *values: float):
+        """Sum ``values`` over data-parallel ranks and give the last stage's sums to every stage."""
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, group=self.ps.get_data_parallel_group())
         last = self.ps.get_pipeline_model_parallel_last_rank()
         dist.broadcast(t, src=last, group=self.ps.get_pipeline_model_parallel_group())
-        return t.item()
+        return t.item() if len(values) == 1 else t.tolist()
 
     def _global_tokens(self, batches) -> float:
         n = torch.tensor([sum(float(b.mask.sum()) for b in batches)], dtype=torch.float64)
@@ -224,12 +224,10 @@ class Trainer:
         return n.item()
 
     def _clip_and_norm(self) -> float:
-        replicated = {id(p) for t in self.targets for p in self._replicated_over_tp(t)}
         sq = torch.zeros(1, dtype=torch.float64)
-        for p in self.params:
-            if p.grad is None or (id(p) in replicated and self.tp_rank != 0):
-                continue
-            sq += p.grad.detach().double().pow(2).sum().cpu()
+        for p in self.norm_params:
+            if p.grad is not None:
+                sq += p.grad.detach().double().pow(2).sum().cpu()
         dist.all_reduce(sq, group=self.ps.get_model_parallel_group())
         norm = sq.sqrt().item()
         clip = self.cfg.train.clip_grad
@@ -249,11 +247,14 @@ class Trainer:
         for p in self.params:
             p.grad = None
         loss = self._schedule(batches, 1.0 / max(tokens, 1.0), forward_only=False)
-        if self.dp > 1:
+        if self.dp > 1:  # one flat all-reduce of all adapter gradients per step
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, group=self.ps.get_data_parallel_group())
+            flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+            dist.all_reduce(flat, group=self.ps.get_data_parallel_group())
+            for p, g in zip(self.params, flat.split([p.numel() for p in self.params])):
+                p.grad.copy_(g.view_as(p))
         norm = self._clip_and_norm()
         lr = lr_at(self.step, self.total, t.lr, t.warmup, t.schedule, t.min_lr)
         for g in self.optimizer.param_groups:
@@ -274,7 +275,7 @@ class Trainer:
         if self.data.valid is None:
             return None
         tokens, masks = self.data.valid
-        mb, count = self.cfg.train.micro_batch, self.cfg.train.eval_batches * self.cfg.train.micro_batch
+        count = self.cfg.train.eval_batches * self.cfg.train.micro_batch
         idx = list(range(min(count, len(tokens))))
         shard = idx[self.dp_rank :: self.dp] or idx[:1]
         batches = self._micro_batches(tokens, masks, shard)
@@ -315,8 +316,7 @@ class Trainer:
             p_base = b_out["logp"].exp()
             total += -(p_base * t_out["logp"]).sum().item()
             count += p_base.shape[0] * p_base.shape[1]
-        s = self._from_last_stage(total)
-        n = self._from_last_stage(float(count))
+        s, n = self._from_last_stage(total, float(count))
         return s / max(n, 1.0)
 
     def evaluate(self) -> None:

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
 
 
-def _gpu_stats() -> dict:
+@functools.lru_cache(maxsize=1)
+def _nvml_handle():
+    """This rank's GPU for nvidia-ml-py, or None (no GPU, no NVML): looked up once per process."""
     try:
         import pynvml
         import torch
 
         if not torch.cuda.is_available():
-            return {}
+            return None
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        return pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    except Exception:
+        return None
+
+
+def _gpu_stats() -> dict:
+    handle = _nvml_handle()
+    if handle is None:
+        return {}
+    try:
+        import pynvml
+        import torch
+
         util = pynvml.nvmlDeviceGetUtilizationRates(handle)
         return {
             "gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
