@@ -16,16 +16,19 @@
 # TP (8), PP (1), CONFIG (configs/llama3_8b_milora.yaml), GPUS_PER_NODE (8),
 # EXTRA_ARGS (extra key=value overrides for the trainer).
 #
-# Preemption / time limit: Slurm sends USR1 120 s before the end (--signal=B:USR1@120 goes to
-# this batch shell); the trap forwards it to the training processes, which save a checkpoint
-# and exit 0; the job is then requeued and resumes.
+# Time limit / preemption: Slurm sends USR1 to the job step's processes 120 s before the end
+# (--signal=USR1@120). The trainer workers save a checkpoint and exit 0 (launch/torchrun_usr1.py
+# is torchrun with USR1 ignored in the launcher itself, whose default action would kill it);
+# this script sees the run is not done and requeues the job, which resumes from that checkpoint.
+# `scancel --signal=USR1 JOBID` does the same by hand. If you submit with --signal=B:USR1@...
+# instead (batch shell only), the trap below forwards the signal to the trainers.
 #SBATCH --job-name=milora-llama3-8b
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=32
 #SBATCH --time=24:00:00
-#SBATCH --signal=B:USR1@120
+#SBATCH --signal=USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=milora-%j.out
@@ -60,7 +63,8 @@ if [ ! -f "$CKPT/milora_base.json" ]; then
   "$PYTHON" "$REPO/tools/convert/hf_to_megatron.py" --hf-dir "$HF_MODEL" --out "$CKPT" --tp "$TP" --pp "$PP" --overwrite
 fi
 
-# 2. train; USR1/TERM from Slurm are forwarded to the trainer processes on every node
+# 2. train. A USR1/TERM that reaches this batch shell (--signal=B:..., scancel --batch) is
+#    forwarded to the trainer processes on every node.
 forward() {
   echo "[$(date)] received $1: asking the trainer to checkpoint and stop"
   srun --overlap --ntasks-per-node=1 pkill "-$1" -f "launch/pretrain_milora.py" || true
@@ -69,7 +73,7 @@ trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
 # shellcheck disable=SC2086
-srun --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run \
+srun --kill-on-bad-exit=1 "$PYTHON" "$REPO/launch/torchrun_usr1.py" \
   --nnodes "$NNODES" --nproc_per_node "$NPROC" \
   --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$PORT" --rdzv_id "${SLURM_JOB_ID:-local}" \
   "$REPO/launch/pretrain_milora.py" --config "$CONFIG" \

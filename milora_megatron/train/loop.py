@@ -332,8 +332,8 @@ class Trainer:
 
     # ---- the run -----------------------------------------------------------------------
     def run(self) -> dict:
+        self._install_signal_handlers()  # first: a stop request during the (long) init still saves
         self.resume_or_start()
-        self._install_signal_handlers()
         t, o = self.cfg.train, self.cfg.output
         if self.total == 0:
             path = self.save()
