@@ -206,6 +206,9 @@ def test_shipped_configs_load_with_the_contract_keys():
         if name.startswith("llama3_8b"):
             assert cfg.peft.rank in (32, 64) and cfg.train.lr == 3e-4 and cfg.train.warmup == 100
             assert cfg.train.global_batch == 16 and cfg.train.epochs == 3 and cfg.peft.dropout == 0.05
+    # numbers as users type them on the command line (YAML alone would read 3e-4 as a string)
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), ["train.lr=3e-4", "peft.dropout=0", "train.min_lr=1E-6"])
+    assert (cfg.train.lr, cfg.peft.dropout, cfg.train.min_lr) == (3e-4, 0.0, 1e-6)
     cli = subprocess.run([sys.executable, LAUNCH, "--help"], capture_output=True, text=True, check=True).stdout
     for key in contract:
         assert key in cli

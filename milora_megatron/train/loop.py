@@ -89,7 +89,10 @@ def load_data(cfg: RunConfig, base: BaseCheckpoint) -> Data:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    """``base`` and ``data`` default to what the config names (``model.load``, ``data.*``); the
+    throughput benchmark passes random weights and tokens instead, to time the same steps."""
+
+    def __init__(self, cfg: RunConfig, base: BaseCheckpoint | None = None, data: Data | None = None):
         from megatron.core import parallel_state as ps
 
         self.cfg = cfg
@@ -104,7 +107,7 @@ class Trainer:
         self.num_micro = t.global_batch // (self.dp * t.micro_batch)
         self.dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         self.out = os.path.abspath(cfg.output.dir)
-        self.base = BaseCheckpoint(cfg.model.load)
+        self.base = base if base is not None else BaseCheckpoint(cfg.model.load)
         shape = self.base.shape
         if t.seq_len > shape.max_seq:
             raise ValueError(f"train.seq_len {t.seq_len} exceeds the model's max_position_embeddings {shape.max_seq}")
@@ -124,7 +127,7 @@ class Trainer:
                       if t.factor_split_dim(f) is None}
         self.norm_params = [p for p in self.params if id(p) not in replicated or self.tp_rank == 0]
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
-        self.data = load_data(cfg, self.base)
+        self.data = data if data is not None else load_data(cfg, self.base)
         self.order = D.SampleOrder(len(self.data.train[0]), t.seed)
         n = len(self.data.train[0])
         self.total = t.iters if t.iters >= 0 else math.ceil(t.epochs * n / t.global_batch)
