@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-adapters test bench clean
+.PHONY: venv demo demo-adapters test bench bench-train replicate clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,16 @@ demo-adapters: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_subspace_init.py
+
+# Training throughput through the real trainer; --small fits a CPU. On a GPU:
+#   .venv/bin/python benchmarks/bench_train_throughput.py   (Llama-3-8B shape, seq 2048)
+bench-train: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) benchmarks/bench_train_throughput.py --small
+
+# The CPU replication of the paper's claims (replication/replicate.py; ~45 min on 2 cores).
+# Writes replication/results/ (RESULTS.md, replication.png, runs.json); reruns reuse runs/replication.
+replicate: $(STAMP)
+	$(PY) replication/replicate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

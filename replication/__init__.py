@@ -1,0 +1,1 @@
+"""A small CPU replication of the MiLoRA paper's claims (see replication/README.md)."""
