@@ -182,6 +182,19 @@ class Trainer:
         return flag.item() > 0
 
     # ---- one step ----------------------------------------------------------------------
+    def _eval_batches(self, tokens, masks, count: int):
+        """This data-parallel rank's share of the first ``count`` samples, padded with
+        zero-mask copies to the same whole number of micro-batches on every rank: pipeline
+        stages exchange fixed-shape tensors, and every rank must run the same collectives."""
+        mb = self.cfg.train.micro_batch
+        count = min(count, len(tokens))
+        per_rank = math.ceil(count / (self.dp * mb)) * mb
+        idx = list(range(count))[self.dp_rank :: self.dp]
+        pad = per_rank - len(idx)
+        tokens, masks = tokens[idx + [0] * pad], masks[idx + [0] * pad].clone()
+        masks[len(idx):] = 0
+        return self._micro_batches(tokens, masks, list(range(per_rank)))
+
     def _micro_batches(self, tokens, masks, indices):
         mb = self.cfg.train.micro_batch
         return [D.make_batch(tokens[indices[i : i + mb]], masks[indices[i : i + mb]]) for i in range(0, len(indices), mb)]
@@ -278,10 +291,7 @@ class Trainer:
         if self.data.valid is None:
             return None
         tokens, masks = self.data.valid
-        count = self.cfg.train.eval_batches * self.cfg.train.micro_batch
-        idx = list(range(min(count, len(tokens))))
-        shard = idx[self.dp_rank :: self.dp] or idx[:1]
-        batches = self._micro_batches(tokens, masks, shard)
+        batches = self._eval_batches(tokens, masks, self.cfg.train.eval_batches * self.cfg.train.micro_batch)
         total = self._global_tokens(batches)
         self.model.eval()
         return self._schedule(batches, 1.0 / max(total, 1.0), forward_only=True)
@@ -295,8 +305,7 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         tokens, masks = self.data.forgetting
-        shard = list(range(len(tokens)))[self.dp_rank :: self.dp] or [0]
-        batches = self._micro_batches(tokens, masks, shard)
+        batches = self._eval_batches(tokens, masks, len(tokens))
         self.model.eval()
 
         def run():
@@ -314,12 +323,13 @@ class Trainer:
         with adapters_disabled(self.model):
             base = run()
         tuned = run()
-        total, count = 0.0, 0
-        for b_out, t_out in zip(base, tuned):
+        total, count = 0.0, 0.0
+        for b_out, t_out, batch in zip(base, tuned, batches):
             p_base = b_out["logp"].exp()
-            total += -(p_base * t_out["logp"]).sum().item()
-            count += p_base.shape[0] * p_base.shape[1]
-        s, n = self._from_last_stage(total, float(count))
+            mask = batch.mask.to(p_base.device)  # [b, s]; 0 on padding samples
+            total += -((p_base * t_out["logp"]).sum(-1) * mask).sum().item()
+            count += mask.sum().item()
+        s, n = self._from_last_stage(total, count)
         return s / max(n, 1.0)
 
     def evaluate(self) -> None:
