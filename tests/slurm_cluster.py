@@ -37,9 +37,11 @@ def install() -> None:
                            f"here (needs root and apt-get): apt-get install {' '.join(PACKAGES)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     run = subprocess.run(["apt-get", "install", "-y", "-q", *PACKAGES], env=env, capture_output=True, text=True)
-    if run.returncode != 0:
+    if run.returncode != 0:  # stale package lists: refresh once
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "-q", *PACKAGES], env=env, check=True, capture_output=True)
+        run = subprocess.run(["apt-get", "install", "-y", "-q", *PACKAGES], env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"apt-get install {' '.join(PACKAGES)} failed ({run.returncode}): {run.stderr.strip()[-500:]}")
     if missing_binaries():
         raise RuntimeError(f"apt-get install {' '.join(PACKAGES)} left {missing_binaries()} missing")
 
