@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 from replication import arithmetic, corpus, report  # noqa: E402
 
 SHAPE = dict(layers=4, hidden=256, heads=8, kv_heads=2, ffn=688, vocab=4096)
+CONFIG = os.path.join(ROOT, "configs", "replication_cpu.yaml")
 ALPHA_PER_RANK = {"lora": 2.0, "pissa": 1.0, "milora": 1.0, "mica": 1.0}  # paper: 2r for LoRA, r otherwise
 
 
@@ -112,7 +113,7 @@ def fine_tune(args, p: dict, method: str, seed: int, work: str) -> dict:
                  f"output.dir={run}", f"peft.method={method}", f"peft.rank={args.rank}",
                  f"peft.alpha={ALPHA_PER_RANK[method] * args.rank}", f"train.seed={seed}", f"train.iters={args.iters}"]
     sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        os.path.join(ROOT, "launch/pretrain_milora.py"), "--config", os.path.join(ROOT, "configs/replication_cpu.yaml"),
+        os.path.join(ROOT, "launch/pretrain_milora.py"), "--config", CONFIG,
         *overrides], os.path.join(folder, "train.log"))
     export = os.path.join(ROOT, "tools/convert/megatron_to_hf.py")
     sh([sys.executable, export, "--ckpt", run, "--out", merged, "--overwrite", "--quiet"], os.path.join(folder, "export.log"))
@@ -159,11 +160,18 @@ def write_report(args, p: dict, runs: dict, base: dict, elapsed_min: float) -> s
     plot_path = os.path.join(args.report_dir, "replication.png")
     report.plot(stats, plot_path)
     pre, info = p["pretrain"], p["corpus_info"]
+    from milora_megatron.train.config import load_config
+
+    t = load_config(CONFIG).train
+    n_runs = sum(len(v) for v in runs.values())
+    runs_min = sum(r["total_s"] for v in runs.values() for r in v) / 60
     command = "python replication/replicate.py " + " ".join(sys.argv[1:])
     text = f"""# CPU replication of the MiLoRA claims
 
-Command: `{command.strip()}` (`make replicate` runs the defaults); {elapsed_min:.0f} min wall on this run
-(stages already done in --work are reused).
+Command: `{command.strip()}` (`make replicate` runs the defaults). Time on 2 CPU cores: pre-training
+{pre['minutes']:.1f} min, the {n_runs} fine-tuning runs {runs_min:.1f} min (train + export + evaluation), about
+{pre['minutes'] + runs_min + 1:.0f} min end to end from an empty --work; this invocation {elapsed_min:.1f} min (stages found
+in --work are reused).
 
 - Base model: Llama {SHAPE}, {pre['parameters'] / 1e6:.2f}M parameters, pre-trained from scratch for
   {pre['steps']} steps x {pre['batch']} x {pre['seq_len']} tokens on {info['train.txt']['chars'] / 1e6:.2f}M characters
@@ -174,7 +182,8 @@ Command: `{command.strip()}` (`make replicate` runs the defaults); {elapsed_min:
   final number with greedy decoding. The base model scores {100 * base['task']['finetuned']['exact_match']:.1f}%.
 - Fine-tuning: this project's convert -> train -> export path at TP=2 (2 gloo ranks), configs/replication_cpu.yaml
   for every method: rank {args.rank}, alpha = 2r for LoRA and r for PiSSA/MiLoRA/MiCA (the paper's convention),
-  dropout 0.05, targets q,k,v,up,down, AdamW lr 2e-3, linear schedule, warmup 10, {args.iters} steps of 16.
+  dropout 0.05, targets q,k,v,up,down, AdamW lr {t.lr:g}, {t.schedule} schedule, warmup {t.warmup}, {args.iters} steps
+  of {t.global_batch} problems ({t.micro_batch} per micro-batch), seq_len {t.seq_len} (every problem fits).
   No method was tuned; seeds {args.seeds} change data order, dropout and LoRA's random A.
 - Forgetting: the paper's forgetting loss (cross-entropy of the fine-tuned model's next-token distribution
   against the pre-trained model's, per token) on {args.heldout_windows} windows of 256 held-out tokens, computed
@@ -210,7 +219,7 @@ def main() -> int:
     ap.add_argument("--methods", default="lora,pissa,milora,mica", help="comma-separated methods")
     ap.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds")
     ap.add_argument("--rank", type=int, default=8, help="adapter rank, the same for every method")
-    ap.add_argument("--iters", type=int, default=200, help="fine-tuning steps (global batch 16)")
+    ap.add_argument("--iters", type=int, default=400, help="fine-tuning steps (global batch 16)")
     ap.add_argument("--pretrain-steps", type=int, default=800, help="pre-training steps (batch 16 x 256 tokens)")
     ap.add_argument("--test-examples", type=int, default=200, help="held-out arithmetic problems")
     ap.add_argument("--heldout-windows", type=int, default=64, help="256-token windows of held-out text for forgetting")
