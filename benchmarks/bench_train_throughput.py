@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from milora_megatron.adapters.config import PAPER_ALPHA_PER_RANK  # noqa: E402
 from milora_megatron.models.llama import LlamaShape  # noqa: E402
 from milora_megatron.train.config import load_config  # noqa: E402
 from milora_megatron.train.loop import Data, Trainer, init_distributed  # noqa: E402
@@ -40,7 +41,6 @@ from milora_megatron.train.loop import Data, Trainer, init_distributed  # noqa: 
 LLAMA3_8B = dict(layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256, max_seq=8192,
                  rope_theta=500000.0)
 SMALL = dict(layers=4, hidden=512, heads=8, kv_heads=2, ffn=1408, vocab=8192, max_seq=2048, rope_theta=500000.0)
-ALPHA = {"lora": 2.0}  # alpha = factor x rank: 2r for LoRA, r for the SVD-initialised methods (paper settings)
 
 
 class RandomBase:
@@ -76,7 +76,7 @@ def peak_memory_gib() -> float:
 def bench_method(method: str, args, shape: LlamaShape, out_dir: str) -> dict:
     steps = args.warmup_steps + args.steps
     overrides = [
-        f"peft.method={method}", f"peft.rank={args.rank}", f"peft.alpha={ALPHA.get(method, 1.0) * args.rank}",
+        f"peft.method={method}", f"peft.rank={args.rank}", f"peft.alpha={PAPER_ALPHA_PER_RANK[method] * args.rank}",
         f"peft.dropout={args.dropout}", f"peft.targets=[{','.join(args.targets)}]", f"peft.residual={args.residual}",
         f"train.iters={steps}", f"train.seq_len={args.seq_len}", f"train.global_batch={args.global_batch}",
         f"train.micro_batch={args.micro_batch}", "train.eval_every=0", "train.warmup=1", "train.lr=3e-4",

@@ -59,8 +59,9 @@ def pretrain(hf_dir: str, train_txt: str, heldout_txt: str, steps: int, batch: i
             order, pos = torch.randperm(len(train), generator=gen), 0
         x = train[order[pos : pos + batch]]
         pos += batch
-        loss = model(input_ids=x[:, :-1], labels=x[:, :-1].clone()).loss  # HF shifts labels itself
-        # equivalent: next-token loss over the window's first seq_len tokens
+        # HF shifts the labels itself: seq_len - 1 predictions over the window's first seq_len
+        # tokens (its last token is unused; kept so the committed results stay reproducible)
+        loss = model(input_ids=x[:, :-1], labels=x[:, :-1].clone()).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -32,11 +32,11 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 
+from milora_megatron.adapters.config import PAPER_ALPHA_PER_RANK as ALPHA_PER_RANK  # noqa: E402
 from replication import arithmetic, corpus, report  # noqa: E402
 
 SHAPE = dict(layers=4, hidden=256, heads=8, kv_heads=2, ffn=688, vocab=4096)
 CONFIG = os.path.join(ROOT, "configs", "replication_cpu.yaml")
-ALPHA_PER_RANK = {"lora": 2.0, "pissa": 1.0, "milora": 1.0, "mica": 1.0}  # paper: 2r for LoRA, r otherwise
 
 
 def log(msg: str) -> None:
@@ -97,10 +97,19 @@ def prepare(args, work: str) -> dict:
             "corpus_info": info, "pretrain": pre}
 
 
+def evaluate_model(args, p: dict, finetuned_dir: str | None = None) -> dict:
+    """Forgetting on the held-out corpus text and exact match on the test problems (the base
+    model against itself when ``finetuned_dir`` is None)."""
+    from milora_megatron.analysis.forgetting import evaluate
+
+    return evaluate(p["hf"], finetuned_dir=finetuned_dir, general_text=p["held_txt"], task_file=p["task_test"],
+                    template="metamath", max_new_tokens=24, batch_size=32, seq_len=256,
+                    max_windows=args.heldout_windows, answer_extractor="final_number", progress=False)
+
+
 def fine_tune(args, p: dict, method: str, seed: int, work: str) -> dict:
     """Train, export and evaluate one (method, seed); cached in its result.json."""
     from milora_megatron.analysis.deltas import spectrum_report
-    from milora_megatron.analysis.forgetting import evaluate
 
     folder = os.path.join(work, "runs", f"{method}_seed{seed}")
     result_path = os.path.join(folder, "result.json")
@@ -120,9 +129,7 @@ def fine_tune(args, p: dict, method: str, seed: int, work: str) -> dict:
     sh([sys.executable, export, "--ckpt", run, "--out", peft, "--overwrite", "--adapter-only"],
        os.path.join(folder, "export_peft.log"))
     train_s = time.time() - start
-    ev = evaluate(p["hf"], finetuned_dir=merged, general_text=p["held_txt"], task_file=p["task_test"],
-                  template="metamath", max_new_tokens=24, batch_size=32, seq_len=256, max_windows=args.heldout_windows,
-                  answer_extractor="final_number", progress=False)
+    ev = evaluate_model(args, p, finetuned_dir=merged)
     spec = spectrum_report(p["hf"], adapter_dir=peft, progress=False)
     metrics = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     losses = [m["loss"] for m in metrics if "loss" in m]
@@ -139,13 +146,9 @@ def fine_tune(args, p: dict, method: str, seed: int, work: str) -> dict:
 
 
 def base_task_accuracy(p: dict, args, work: str) -> dict:
-    from milora_megatron.analysis.forgetting import evaluate
-
     path = os.path.join(work, "base_eval.json")
     if not os.path.exists(path):
-        ev = evaluate(p["hf"], general_text=p["held_txt"], task_file=p["task_test"], template="metamath",
-                      max_new_tokens=24, batch_size=32, seq_len=256, max_windows=args.heldout_windows,
-                      answer_extractor="final_number", progress=False)
+        ev = evaluate_model(args, p)
         with open(path, "w") as f:
             json.dump(ev, f, indent=2)
     return json.load(open(path))

@@ -100,10 +100,12 @@ class PeftAdapter:
                 return float(value)
         return float(self.config["lora_alpha"])
 
-    def delta(self, layer: int, target: str) -> Factored | None:
-        keys = self.keys.get((layer, target))
-        if keys is None:
-            return None
+    def has(self, layer: int, target: str) -> bool:
+        return (layer, target) in self.keys
+
+    def delta(self, layer: int, target: str, base_weight: torch.Tensor) -> Factored:
+        """dW as its factors (``base_weight`` is not needed: the update is s B A)."""
+        keys = self.keys[(layer, target)]
         with safe_open(self.file, framework="pt") as f:
             a, b = f.get_tensor(keys["A"]).to(torch.float64), f.get_tensor(keys["B"]).to(torch.float64)
         r = a.shape[0]
@@ -116,17 +118,19 @@ class PeftAdapter:
 class MergedModel:
     """A merged HF folder: dW = merged - base, per tensor, in float64."""
 
-    def __init__(self, path: str, base: HFFolder):
-        self.folder, self.base = HFFolder(path), base
+    def __init__(self, path: str):
+        self.folder = HFFolder(path)
 
-    def delta(self, layer: int, target: str) -> torch.Tensor | None:
+    def has(self, layer: int, target: str) -> bool:
+        return weight_name(layer, target) in self.folder.weight_map
+
+    def delta(self, layer: int, target: str, base_weight: torch.Tensor) -> torch.Tensor:
+        """merged - base in float64 (``base_weight``: the base tensor, already read by the caller)."""
         name = weight_name(layer, target)
-        if name not in self.folder.weight_map:
-            return None
-        merged, base = self.folder.tensor(name), self.base.tensor(name)
-        if merged.shape != base.shape:
-            raise ValueError(f"{name}: merged shape {tuple(merged.shape)} != base shape {tuple(base.shape)}")
-        return merged.to(torch.float64) - base.to(torch.float64)
+        merged = self.folder.tensor(name)
+        if merged.shape != base_weight.shape:
+            raise ValueError(f"{name}: merged shape {tuple(merged.shape)} != base shape {tuple(base_weight.shape)}")
+        return merged.to(torch.float64) - base_weight.to(torch.float64)
 
 
 def parse_layers(spec: str | None, num_layers: int) -> list[int] | None:
@@ -200,7 +204,7 @@ def spectrum_report(base_dir: str, adapter_dir: str | None = None, merged_dir: s
     else:
         if not rank:
             raise ValueError("a merged folder does not record the adapter's rank: give rank (--rank)")
-        source = MergedModel(merged_dir, base)
+        source = MergedModel(merged_dir)
         method_source, rank_source = ("argument" if method else "unknown"), "argument"
         default_targets, default_layers = list(TARGETS), list(range(num_layers))
     if method is not None and method not in INIT_SUBSPACE:
@@ -217,14 +221,17 @@ def spectrum_report(base_dir: str, adapter_dir: str | None = None, merged_dir: s
     entries, unchanged = [], []
     for layer in tqdm(layers, desc="spectrum", unit="layer", disable=not progress, file=sys.stderr):
         for target in targets:
-            delta = source.delta(layer, target)
+            if not source.has(layer, target):
+                unchanged.append(f"{layer}.{target}")
+                continue
+            w = base.tensor(weight_name(layer, target)).to(torch.float64)  # read once per target
+            delta = source.delta(layer, target, w)
             if isinstance(delta, torch.Tensor) and not bool(delta.any()):
                 delta = None  # untouched by the merge: skip its SVD
             dw_svd = None if delta is None else delta.svd() if isinstance(delta, Factored) else svd64(delta)
             if dw_svd is None or not bool((dw_svd.s > 0).any()):
                 unchanged.append(f"{layer}.{target}")
                 continue
-            w = base.tensor(weight_name(layer, target)).to(torch.float64)
             if dw_svd.u.shape[0] != w.shape[0] or dw_svd.v.shape[0] != w.shape[1]:
                 raise ValueError(f"{weight_name(layer, target)}: update is {dw_svd.u.shape[0]} x {dw_svd.v.shape[0]}, "
                                  f"base weight {tuple(w.shape)}: adapter and base do not match")
