@@ -108,7 +108,7 @@ def residual_modes(n: int, rank: int, cond: float) -> list[tuple[str, float]]:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29533")
         dist.init_process_group("gloo", rank=0, world_size=1)
-        compat.apply()
+        compat.apply("cpu")  # this measurement runs on the CPU layer path
         ps.initialize_model_parallel(1, 1)
     cfg = TransformerConfig(num_layers=1, hidden_size=n, num_attention_heads=8, use_cpu_initialization=True,
                             params_dtype=torch.bfloat16, bf16=True, gradient_accumulation_fusion=False)

@@ -36,30 +36,16 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 from milora_megatron.adapters.config import PAPER_ALPHA_PER_RANK  # noqa: E402
 from milora_megatron.models.llama import LlamaShape  # noqa: E402
 from milora_megatron.train.config import load_config  # noqa: E402
-from milora_megatron.train.loop import Data, Trainer, init_distributed  # noqa: E402
+from milora_megatron.train.loop import Data, Trainer, setup  # noqa: E402
+from milora_megatron.train.synthetic import RandomBase, random_tokens  # noqa: E402
 
 LLAMA3_8B = dict(layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256, max_seq=8192,
                  rope_theta=500000.0)
 SMALL = dict(layers=4, hidden=512, heads=8, kv_heads=2, ffn=1408, vocab=8192, max_seq=2048, rope_theta=500000.0)
 
 
-class RandomBase:
-    """Stands in for a converted checkpoint: megatron's random init is left as the base weights."""
-
-    path = "random-weights"
-    fingerprint = "random-weights"
-
-    def __init__(self, shape: LlamaShape):
-        self.shape = shape
-
-    def load_into(self, model, tp_rank: int = 0, tp_size: int = 1) -> None:
-        pass
-
-
 def random_data(n: int, seq_len: int, vocab: int, seed: int) -> Data:
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(3, vocab, (n, seq_len + 1), generator=gen)
-    return Data(train=(tokens, torch.ones(n, seq_len + 1)), valid=None, forgetting=None)
+    return Data(train=random_tokens(n, seq_len, vocab, seed), valid=None, forgetting=None)
 
 
 def sync() -> None:
@@ -84,13 +70,13 @@ def bench_method(method: str, args, shape: LlamaShape, out_dir: str) -> dict:
         "output.save_every=0", f"output.dir={os.path.join(out_dir, method)}", "model.load=random-weights",
     ]
     cfg = load_config(None, overrides)
-    init_distributed(cfg)
+    device, groups = setup(cfg)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     data = random_data(args.global_batch * steps, args.seq_len, shape.vocab, seed=0)
     sync()
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, base=RandomBase(shape), data=data)
+    trainer = Trainer(cfg, groups, device, base=RandomBase(shape), data=data)
     sync()
     init_s = time.perf_counter() - t0
     times = []
@@ -107,6 +93,7 @@ def bench_method(method: str, args, shape: LlamaShape, out_dir: str) -> dict:
         "step_s_sd": statistics.stdev(times) if len(times) > 1 else 0.0,
         "tokens_per_s": args.global_batch * args.seq_len / statistics.mean(times),
         "peak_mem_gib": peak_memory_gib(), "trainable_params_per_rank": trainable,
+        "dtype": str(trainer.dtype).replace("torch.", ""),
     }
     del trainer, data
     gc.collect()
@@ -157,8 +144,8 @@ def main() -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     print(f"\n{device}, world {world}, TP={args.tp} PP={args.pp} SP={args.sp}; shape {dims}; seq {args.seq_len}, "
           f"global batch {args.global_batch}, micro-batch {args.micro_batch}, rank {args.rank}, "
-          f"targets {','.join(args.targets)}, residual {args.residual}, dtype "
-          f"{'bf16' if torch.cuda.is_available() else 'fp32'}, {args.steps} timed steps after {args.warmup_steps}\n")
+          f"targets {','.join(args.targets)}, residual {args.residual}, dtype {results[0]['dtype']} "
+          f"(adapter factors fp32), {args.steps} timed steps after {args.warmup_steps}\n")
     ref = next((r["step_s"] for r in results if r["method"] == "lora"), None)
     print("| method | adapter init (s) | step time (s) | tokens/s | peak memory (GiB) | step time / LoRA's |")
     print("|---|---|---|---|---|---|")

@@ -34,16 +34,14 @@ def main() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from milora_megatron import compat
     from milora_megatron.adapters import AdapterConfig, HF_TARGETS, apply_adapters
     from milora_megatron.models.llama import LlamaShape, build_gpt, transformer_config
+    from milora_megatron.train.parallel import init_distributed
 
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = int(os.environ.get("WORLD_SIZE", 1))
     tp = args.tp or world
-    compat.apply()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
-    compat.model_parallel_manual_seed(args.seed)
+    init_distributed(torch.device("cpu"), tp, 1, args.seed)  # a CPU demo (gloo), GPU or not
+    rank = dist.get_rank()
     say = print if rank == 0 else (lambda *a, **k: None)
 
     shape = LlamaShape(layers=2, hidden=128, heads=8, kv_heads=4, ffn=256, vocab=256)

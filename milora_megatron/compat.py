@@ -1,9 +1,10 @@
 """The one place where megatron-core's CUDA assumptions are adapted for CPU/gloo runs.
 
 megatron-core 0.16.1 hard-codes ``device="cuda"`` and ``torch.cuda.*`` calls in a few
-spots that a CPU run reaches (pipeline schedules, p2p shape exchange, the RNG tracker,
-the default causal mask). On a machine with a GPU nothing here is applied. Everywhere
-else in this project megatron-core is used as shipped.
+spots that a CPU run reaches (pipeline schedules, p2p shape exchange, the RNG tracker and
+the activation-recompute RNG bookkeeping, the default causal mask). A run on a GPU applies
+nothing here; a run on the CPU applies it whether or not a GPU is visible (the tests and
+the demo pin the CPU). Everywhere else in this project megatron-core is used as shipped.
 
 Instead of editing megatron's functions, the affected *modules* get a view of ``torch``
 whose "cuda" device and ``torch.cuda`` helpers resolve to the CPU; the RNG tracker is
@@ -20,10 +21,6 @@ import types
 import torch
 
 _APPLIED = False
-
-
-def cpu_only() -> bool:
-    return not torch.cuda.is_available()
 
 
 def _to_cpu(device):
@@ -133,10 +130,15 @@ def _patch_tied_embedding_setup() -> None:
     LanguageModule.setup_embeddings_and_output_layer = setup
 
 
-def apply() -> bool:
-    """Adapt megatron-core for CPU when no GPU is present. Idempotent; returns True if applied."""
+def _no_cuda_rng_state(*_args, **_kwargs) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def apply(device) -> bool:
+    """Adapt megatron-core for a run on ``device`` (a no-op unless it is the CPU). Idempotent;
+    returns True if the CPU adaptation is in place. Call it before building models or seeding."""
     global _APPLIED
-    if _APPLIED or not cpu_only():
+    if _APPLIED or torch.device(device).type != "cpu":
         return _APPLIED
     torch_on_cpu = _TorchOnCpu()
     for module_name in (
@@ -172,6 +174,10 @@ def apply() -> bool:
 
     mp_random._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # activation recompute saves and restores "the CUDA RNG" around each checkpointed
+    # region; on the CPU the default generator (saved beside it) is the only one in use.
+    mp_random._get_cuda_rng_state = _no_cuda_rng_state
+    mp_random._set_cuda_rng_state = lambda *_args, **_kwargs: None
     tf_utils.get_default_causal_mask = _causal_mask_cpu
     _patch_tied_embedding_setup()
     _APPLIED = True
@@ -179,9 +185,9 @@ def apply() -> bool:
 
 
 def model_parallel_manual_seed(seed: int) -> None:
-    """Seed the default and tensor-parallel RNG streams the way megatron does, on any device."""
+    """Seed the default and tensor-parallel RNG streams the way megatron does, on any device
+    (after ``apply``, which gives a CPU run its tracker)."""
     from megatron.core import tensor_parallel
 
-    apply()
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)

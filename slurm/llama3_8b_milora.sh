@@ -4,7 +4,9 @@
 #   sbatch slurm/llama3_8b_milora.sh                      # defaults below
 #   HF_MODEL=/models/Meta-Llama-3-8B DATA=/data/train.jsonl OUTPUT_DIR=/scratch/milora \
 #     sbatch --nodes 2 slurm/llama3_8b_milora.sh
-#   GPUS_PER_NODE=0 sbatch --gpus-per-node=0 slurm/llama3_8b_milora.sh   # CPU + gloo (tiny models)
+#   GPUS_PER_NODE=0 TP=2 CONFIG=configs/tiny_cpu.yaml HF_MODEL=... DATA=... \
+#     sbatch --gpus-per-node=0 --cpus-per-task=2 slurm/llama3_8b_milora.sh   # CPU + gloo (tiny models)
+#   (--cpus-per-task must fit the node: the header asks for 32, which a small node never has)
 #
 # Steps (each skipped when its output already exists, so a requeued job resumes):
 #   1. tools/convert/hf_to_megatron.py  HF_MODEL -> OUTPUT_DIR/base_ckpt   (first node, one process)
@@ -13,7 +15,8 @@
 #   3. tools/convert/megatron_to_hf.py  -> OUTPUT_DIR/hf_merged and OUTPUT_DIR/peft_adapter
 #
 # Environment (defaults): HF_MODEL (required), DATA (required), OUTPUT_DIR (./runs/llama3_8b_milora),
-# TP (8), PP (1), CONFIG (configs/llama3_8b_milora.yaml), GPUS_PER_NODE (8),
+# TP (8), PP (1), CONFIG (configs/llama3_8b_milora.yaml), GPUS_PER_NODE (the GPUs Slurm allocated
+# on the node, SLURM_GPUS_ON_NODE; 0 = CPU + gloo with TP x PP processes per node),
 # EXTRA_ARGS (extra key=value overrides for the trainer).
 #
 # Time limit / preemption: Slurm sends USR1 to the job step's processes 120 s before the end
@@ -43,20 +46,24 @@ OUTPUT_DIR="${OUTPUT_DIR:-$REPO/runs/llama3_8b_milora}"
 TP="${TP:-8}"
 PP="${PP:-1}"
 CONFIG="${CONFIG:-$REPO/configs/llama3_8b_milora.yaml}"
-GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}"  # one process per allocated GPU
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 
 NNODES="${SLURM_JOB_NUM_NODES:-1}"
 NPROC=$(( GPUS_PER_NODE > 0 ? GPUS_PER_NODE : TP * PP ))
+# Since Slurm 22.05 srun no longer inherits the job's --cpus-per-task: pass it on explicitly,
+# or the trainer step would get one CPU.
+[ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
 HEAD_NODE=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1 || hostname)
 PORT="${MASTER_PORT:-$(( 20000 + ${SLURM_JOB_ID:-0} % 20000 ))}"
 CKPT="$OUTPUT_DIR/base_ckpt"
 RUN="$OUTPUT_DIR/run"
 mkdir -p "$OUTPUT_DIR"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-[ "$GPUS_PER_NODE" -eq 0 ] && export CUDA_VISIBLE_DEVICES=""
+DEVICE=cuda
+if [ "$GPUS_PER_NODE" -eq 0 ]; then DEVICE=cpu; export CUDA_VISIBLE_DEVICES=""; fi
 
-echo "[$(date)] job ${SLURM_JOB_ID:-none} nodes=$NNODES procs/node=$NPROC TP=$TP PP=$PP out=$OUTPUT_DIR"
+echo "[$(date)] job ${SLURM_JOB_ID:-none} nodes=$NNODES procs/node=$NPROC device=$DEVICE TP=$TP PP=$PP out=$OUTPUT_DIR"
 
 # 1. convert (once)
 if [ ! -f "$CKPT/milora_base.json" ]; then
@@ -77,7 +84,8 @@ srun --kill-on-bad-exit=1 "$PYTHON" "$REPO/launch/torchrun_usr1.py" \
   --nnodes "$NNODES" --nproc_per_node "$NPROC" \
   --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$PORT" --rdzv_id "${SLURM_JOB_ID:-local}" \
   "$REPO/launch/pretrain_milora.py" --config "$CONFIG" \
-  model.load="$CKPT" data.train="$DATA" output.dir="$RUN" parallel.tp="$TP" parallel.pp="$PP" $EXTRA_ARGS &
+  model.load="$CKPT" model.device="$DEVICE" data.train="$DATA" output.dir="$RUN" parallel.tp="$TP" parallel.pp="$PP" \
+  $EXTRA_ARGS &
 TRAIN_PID=$!
 set +e
 wait $TRAIN_PID; rc=$?

@@ -20,7 +20,7 @@ def _worker(rank, world, init_file, out_dir, tp, pp, fn, kwargs):
         from milora_megatron import compat
 
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-        compat.apply()
+        compat.apply("cpu")  # the suite runs on the CPU (conftest hides GPUs)
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         compat.model_parallel_manual_seed(1234)
         result = fn(**kwargs)

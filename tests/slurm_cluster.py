@@ -59,12 +59,12 @@ def _sbin(name: str) -> str:
 class LocalSlurm:
     """slurmctld + slurmd + munged on this host, configured in ``work``."""
 
-    def __init__(self, work: str, cpus: int = 32):
+    def __init__(self, work: str):
         self.work = os.path.abspath(work)
         self.host = socket.gethostname().split(".")[0]
-        # The script asks for 32 CPUs per task; config_overrides lets a smaller machine
-        # advertise them instead of draining the node.
-        self.cpus = max(cpus, os.cpu_count() or 1)
+        # the machine's real CPU count: a job must ask for what a small node has (the
+        # documented CPU submission passes --cpus-per-task)
+        self.cpus = os.cpu_count() or 1
         self.conf = os.path.join(self.work, "slurm.conf")
         self.env = {**os.environ, "SLURM_CONF": self.conf}
         self.pidfiles = {n: os.path.join(self.work, f"{n}.pid") for n in ("munged", "slurmctld", "slurmd")}
@@ -94,7 +94,7 @@ class LocalSlurm:
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
             "JobAcctGatherType=jobacct_gather/none", "MpiDefault=none", "ReturnToService=2",
-            "SlurmdParameters=config_overrides", "SchedulerType=sched/backfill",
+            "SchedulerType=sched/backfill",
             "SlurmctldTimeout=30", "SlurmdTimeout=30", "KillWait=10",
             f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={mem_mb} State=UNKNOWN",
             "PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP",

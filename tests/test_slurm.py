@@ -50,7 +50,8 @@ def _submit(c, out_dir, hf, data, extra):
            "CONFIG": os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "GPUS_PER_NODE": "0",
            "EXTRA_ARGS": " ".join(f"{k}={v}" for k, v in extra.items())}
     log = os.path.join(str(out_dir) + ".log")
-    job = c.sbatch(["--gpus-per-node=0", f"--output={log}", SCRIPT], env=env, cwd=ROOT)
+    # the README's CPU submission: no GPUs, and CPUs per task that this node has
+    job = c.sbatch(["--gpus-per-node=0", f"--cpus-per-task={c.cpus}", f"--output={log}", SCRIPT], env=env, cwd=ROOT)
     return job, log
 
 
@@ -60,6 +61,10 @@ def _metrics(run):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _tail(log, n=4000):
+    return open(log).read()[-n:] if os.path.exists(log) else "no log"
 
 
 def _check_outputs(out, log, steps):
@@ -88,7 +93,7 @@ def test_sbatch_convert_train_export(cluster, inputs):
     _check_outputs(out, log, 6)
     losses = [m["loss"] for m in _metrics(out / "run") if "loss" in m]
     assert len(losses) == 6 and all(l == l for l in losses)
-    assert "TP=2" in text and "procs/node=2" in text
+    assert "TP=2" in text and "procs/node=2" in text and "device=cpu" in text
 
 
 def test_usr1_saves_requeues_and_resumes(cluster, inputs):
@@ -102,17 +107,22 @@ def test_usr1_saves_requeues_and_resumes(cluster, inputs):
     deadline = time.time() + 240
     while not any(m.get("step", 0) >= 3 and "loss" in m for m in _metrics(run)):
         assert time.time() < deadline, open(log).read()[-3000:] if os.path.exists(log) else "no log"
-        assert c.job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), c.job(job)
+        state = c.job(job)
+        assert state.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), (state, _tail(log))
         time.sleep(0.5)
     signalled = c.run(["scancel", "--signal=USR1", str(job)])
     assert signalled.returncode == 0, signalled.stderr
     # Slurm holds a requeued job for ~2 minutes (its begin time is pushed back); start it
-    # now so the test does not sit idle. Everything else is the job's own doing.
-    released = []
+    # sooner so the test does not sit idle. Not at once: slurmd revokes the first run's
+    # credential at the requeue, and refuses a relaunch whose credential is from the same
+    # second ("Job credential revoked": the job then FAILS). Everything else is the job's own doing.
+    released, pending_since = [], []
 
     def finished(j):
         if j.get("JobState") == "PENDING" and int(j.get("Restarts", 0)) >= 1 and not released:
-            released.append(c.run(["scontrol", "update", f"JobId={job}", "StartTime=now"]).returncode)
+            pending_since.append(time.time())
+            if time.time() - pending_since[0] >= 3.0:
+                released.append(c.run(["scontrol", "update", f"JobId={job}", "StartTime=now"]).returncode)
         return j.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
 
     info = c.wait(job, timeout=400, until=finished)
@@ -129,3 +139,32 @@ def test_usr1_saves_requeues_and_resumes(cluster, inputs):
     assert steps == list(range(1, iters + 1)), steps
     assert "requeueing to resume" in text
     _check_outputs(out, log, iters)
+
+
+@pytest.mark.parametrize("env,nproc,device", [
+    ({"SLURM_GPUS_ON_NODE": "4"}, 4, "cuda"),  # follows the allocation when GPUS_PER_NODE is unset
+    ({"SLURM_GPUS_ON_NODE": "4", "GPUS_PER_NODE": "2"}, 2, "cuda"),
+    ({}, 2, "cpu"),  # no GPUs allocated: CPU + gloo, TP x PP processes
+])
+def test_script_follows_the_allocation(tmp_path, env, nproc, device):
+    """The script's launch line, with srun/scontrol/python stubbed: processes per node from
+    SLURM_GPUS_ON_NODE, and srun given the job's CPUs per task (Slurm >= 22.05 drops them)."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    record = tmp_path / "srun.txt"
+    (stubs / "srun").write_text(f'#!/bin/sh\necho "SRUN_CPUS_PER_TASK=$SRUN_CPUS_PER_TASK $*" >> {record}\n')
+    (stubs / "scontrol").write_text("#!/bin/sh\n[ \"$1\" = show ] && echo node1\nexit 0\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    out = tmp_path / "out"
+    (out / "base_ckpt").mkdir(parents=True)
+    (out / "base_ckpt" / "milora_base.json").write_text("{}")  # conversion done: skipped
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "GPUS_PER_NODE"}
+    run = subprocess.run(["bash", SCRIPT], capture_output=True, text=True, cwd=ROOT, env={
+        **clean, "PATH": f"{stubs}:{os.environ['PATH']}", "HF_MODEL": "hf", "DATA": "d.jsonl", "OUTPUT_DIR": str(out),
+        "TP": "2", "SLURM_CPUS_PER_TASK": "7", "SLURM_JOB_ID": "5", **env})
+    assert run.returncode == 0, run.stderr
+    line = record.read_text()
+    assert line.startswith("SRUN_CPUS_PER_TASK=7 ")
+    assert f"--nproc_per_node {nproc} " in line and f"model.device={device} " in line
+    assert f"procs/node={nproc} device={device}" in run.stdout

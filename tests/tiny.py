@@ -32,16 +32,16 @@ def hf_layer_weights(seed: int = 0, cond: float = 1e3, **shape) -> list[dict[str
     return [{k: spectral_matrix(*d, cond, gen) for k, d in dims.items()} for _ in range(s["layers"])]
 
 
-def transformer_config(tp: int = 1, pp: int = 1, sp: bool = False, **shape):
+def transformer_config(tp: int = 1, pp: int = 1, sp: bool = False, dtype=torch.float32, **shape):
     from milora_megatron.models.llama import LlamaShape
     from milora_megatron.models.llama import transformer_config as make
 
     s = {**SHAPE, **shape}
     return make(LlamaShape(layers=s["layers"], hidden=s["hidden"], heads=s["heads"], kv_heads=s["groups"],
-                           ffn=s["ffn"], vocab=s["vocab"]), tp=tp, pp=pp, sp=sp)
+                           ffn=s["ffn"], vocab=s["vocab"]), tp=tp, pp=pp, sp=sp, dtype=dtype)
 
 
-def build_gpt(weights, tp: int, sp: bool = False, pp: int = 1):
+def build_gpt(weights, tp: int, sp: bool = False, pp: int = 1, dtype=torch.float32):
     """A GPTModel (local spec) on this rank with ``weights`` loaded into its TP shards."""
     from megatron.core import parallel_state as ps
 
@@ -49,7 +49,7 @@ def build_gpt(weights, tp: int, sp: bool = False, pp: int = 1):
     from milora_megatron.models.llama import LlamaShape
     from milora_megatron.models.llama import build_gpt as build
 
-    cfg = transformer_config(tp=tp, sp=sp, pp=pp, layers=len(weights))
+    cfg = transformer_config(tp=tp, sp=sp, pp=pp, dtype=dtype, layers=len(weights))
     shape = LlamaShape(layers=len(weights), hidden=SHAPE["hidden"], heads=SHAPE["heads"], kv_heads=SHAPE["groups"],
                        ffn=SHAPE["ffn"], vocab=SHAPE["vocab"])
     model = build(shape, cfg)

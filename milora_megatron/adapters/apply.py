@@ -130,18 +130,18 @@ def adapt_linear(module, target: str, cfg: AdapterConfig, tp_group=None, name: s
 
 
 def _install(t: AdaptedTarget, factors, cfg: AdapterConfig) -> None:
+    """The factors as float32 masters (see TargetAdapter); merge mode folds the same
+    float32 s*B0*A0 out of W that the export later adds back."""
     weight = t.module.weight
-    dtype = weight.dtype
-    a, b = factors.a.to(weight.device), factors.b.to(weight.device)
-    initial = None
-    if factors.subtract_initial:
-        initial = (a.to(dtype), b.to(dtype))
-        if cfg.residual == "merge":
-            with torch.no_grad():
-                region = t.layout.view(weight, t.target) if t.shard_dim == 0 else weight
-                delta = (cfg.scaling * (b @ a)).view(region.shape)
-                region.copy_((region.to(torch.float64) - delta).to(dtype))
+    a = factors.a.to(device=weight.device, dtype=torch.float32)
+    b = factors.b.to(device=weight.device, dtype=torch.float32)
+    if factors.subtract_initial and cfg.residual == "merge":
+        with torch.no_grad():
+            region = t.layout.view(weight, t.target) if t.shard_dim == 0 else weight
+            delta = (cfg.scaling * (b.double() @ a.double())).view(region.shape)
+            region.copy_((region.to(torch.float64) - delta).to(weight.dtype))
     t.module.adapters[t.target] = TargetAdapter(
-        a.to(dtype), b.to(dtype), cfg.scaling, factors.train_a, factors.train_b,
-        initial, residual_branch=cfg.residual == "branch",
+        a, b, cfg.scaling, factors.train_a, factors.train_b, initial=factors.subtract_initial,
+        residual_branch=cfg.residual == "branch",
+        split_dims=(t.factor_split_dim("lora_A"), t.factor_split_dim("lora_B")),
     )

@@ -28,24 +28,38 @@ from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
     get_cuda_rng_tracker,
+    set_tensor_model_parallel_attributes,
 )
 
 from .targets import Layout
 
 
 class TargetAdapter(torch.nn.Module):
-    """A and B of one HF projection on this rank, and the initial B0, A0 they started from."""
+    """A and B of one HF projection on this rank, and the initial B0, A0 they started from.
+
+    All four are float32 whatever the model's dtype: an AdamW update smaller than ~0.4% of
+    an entry vanishes when rounded to bf16 (8 significant bits), which is the scale of
+    MiLoRA's minor components and of every update late in a decaying schedule. The forward
+    casts them to the activation dtype; gradients, optimizer state, reductions and
+    checkpoints stay float32. At initialisation A == A0 and B == B0 exactly, so their casts
+    agree bit for bit and the branch residual mode leaves the output unchanged.
+    """
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float, train_a: bool, train_b: bool,
-                 initial: tuple[torch.Tensor, torch.Tensor] | None, residual_branch: bool):
+                 initial: bool, residual_branch: bool, split_dims: tuple[int | None, int | None] = (None, None)):
         super().__init__()
-        self.lora_A = torch.nn.Parameter(a, requires_grad=train_a)
-        self.lora_B = torch.nn.Parameter(b, requires_grad=train_b)
+        a, b = a.float(), b.float()
+        self.lora_A = torch.nn.Parameter(a.clone(), requires_grad=train_a)
+        self.lora_B = torch.nn.Parameter(b.clone(), requires_grad=train_b)
+        for param, dim in zip((self.lora_A, self.lora_B), split_dims):
+            # megatron's own marks: a factor split over TP is "tensor_model_parallel"; a
+            # replicated one is a duplicate that clipping counts once (see train.gradients)
+            set_tensor_model_parallel_attributes(param, dim is not None, 0 if dim is None else dim, 1)
         self.scaling = scaling
-        self.residual_branch = residual_branch and initial is not None
-        if initial is not None:
-            self.register_buffer("lora_A0", initial[0].clone())
-            self.register_buffer("lora_B0", initial[1].clone())
+        self.residual_branch = residual_branch and initial
+        if initial:
+            self.register_buffer("lora_A0", a.clone())
+            self.register_buffer("lora_B0", b.clone())
         else:
             self.lora_A0 = self.lora_B0 = None
 
@@ -88,12 +102,12 @@ class _AdapterHost:
         r = [ad.lora_A.shape[0] for _, ad in adapters]
         a = torch.cat([ad.lora_A for _, ad in adapters]) if len(adapters) > 1 else adapters[0][1].lora_A
         if column and self.sequence_parallel and tp > 1:
-            a = copy_to_tensor_model_parallel_region(a, group=self.tp_group)  # dA: sum over chunks
-        h = self._dropout(x) @ a.t()
+            a = copy_to_tensor_model_parallel_region(a, group=self.tp_group)  # dA: sum over chunks (fp32)
+        h = self._dropout(x) @ a.to(x.dtype).t()
         branch = [name for name, ad in adapters if ad.residual_branch]
         if branch:
             a0 = torch.cat([self.adapters[n].lora_A0 for n in branch])
-            h = torch.cat([h, x @ a0.t()], dim=-1)
+            h = torch.cat([h, x @ a0.to(x.dtype).t()], dim=-1)
         if column and tp > 1:
             if self.sequence_parallel:
                 h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=self.tp_group)
@@ -106,10 +120,10 @@ class _AdapterHost:
         for (name, ad), h_i in zip(adapters, hs):
             b = ad.lora_B
             if not column and tp > 1 and b.requires_grad:
-                b = copy_to_tensor_model_parallel_region(b, group=self.tp_group)  # dB: sum over ranks
-            d = h_i @ b.t()
+                b = copy_to_tensor_model_parallel_region(b, group=self.tp_group)  # dB: sum over ranks (fp32)
+            d = h_i @ b.to(h_i.dtype).t()
             if name in h0:
-                d = d - h0[name] @ ad.lora_B0.t()  # exactly zero at init: same values, same kernels
+                d = d - h0[name] @ ad.lora_B0.to(h_i.dtype).t()  # exactly zero at init: same values, same kernels
             deltas[name] = d * ad.scaling
         return self.adapter_layout.combine(deltas)
 
@@ -119,12 +133,12 @@ class _AdapterHost:
         merged = [(n, ad) for n, ad in self.adapters.items() if ad.lora_A0 is not None and not ad.residual_branch]
         if not merged:
             return None
-        h = x @ torch.cat([ad.lora_A0 for _, ad in merged]).t()
+        h = x @ torch.cat([ad.lora_A0 for _, ad in merged]).to(x.dtype).t()
         if self.adapter_shard_dim == 0 and self.sequence_parallel and self._tp_size > 1:
             h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=self.tp_group)
         hs = torch.split(h, [ad.lora_A0.shape[0] for _, ad in merged], dim=-1)
         return self.adapter_layout.combine(
-            {n: ad.scaling * (h_i @ ad.lora_B0.t()) for (n, ad), h_i in zip(merged, hs)}
+            {n: ad.scaling * (h_i @ ad.lora_B0.to(h_i.dtype).t()) for (n, ad), h_i in zip(merged, hs)}
         )
 
     def _forward_impl(self, input, weight, *args, **kwargs):
@@ -162,13 +176,19 @@ def adapt_in_place(module, layout: Layout, dropout: float):
     return module
 
 
+def set_adapters_enabled(model: torch.nn.Module, enabled: bool) -> None:
+    """Switch every adapter's delta on or off (off: the base model, in both residual modes)."""
+    for m in model.modules():
+        if isinstance(m, _AdapterHost):
+            m.adapters_enabled = enabled
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: torch.nn.Module):
     """Run the base model: every adapter's delta switched off (e.g. the forgetting reference)."""
     hosts = [m for m in model.modules() if isinstance(m, _AdapterHost)]
     previous = [m.adapters_enabled for m in hosts]
-    for m in hosts:
-        m.adapters_enabled = False
+    set_adapters_enabled(model, False)
     try:
         yield
     finally:

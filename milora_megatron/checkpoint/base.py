@@ -36,12 +36,6 @@ HF_SIDE_DIR = "hf"  # config.json, generation config, tokenizer files copied fro
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-# transformer-engine's spec keeps the norms inside the fused linears.
-_TE_ALIASES = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-}
-
 
 def layer_file(i: int) -> str:
     return f"layer-{i:05d}.safetensors"
@@ -135,8 +129,7 @@ class BaseCheckpoint:
             return EMBEDDING[1]  # the last stage's copy of a tied embedding (PP > 1)
         for local, glob in local_to_global.items():
             if name.startswith(local):
-                rest = name[len(local):]
-                return glob + _TE_ALIASES.get(rest, rest)
+                return glob + name[len(local):]
         return name
 
     def _read_shard(self, handle, name: str, local_shape, dtype, tp_rank: int, tp_size: int) -> torch.Tensor:

@@ -52,7 +52,7 @@ class SDPAttention(MegatronModule):
                  cp_comm_type: str | None = None, pg_collection=None):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
-            raise ValueError("context parallelism needs transformer-engine's attention (model.spec: te)")
+            raise ValueError("context parallelism is not supported by the SDPA core attention")
         self.attn_mask_type = attn_mask_type
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         head_dim = config.kv_channels
@@ -86,15 +86,3 @@ def local_layer_spec():
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 
-
-def te_layer_spec():
-    """transformer-engine's GPT layer spec (fused kernels); only when TE imports."""
-    try:
-        import transformer_engine  # noqa: F401  (only to learn whether it imports)
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-    except ImportError as exc:
-        raise RuntimeError(
-            "model.spec 'te' needs transformer-engine, which does not import here "
-            f"({exc}); use the default torch-native spec ('local')"
-        ) from exc
-    return get_gpt_layer_with_transformer_engine_spec()

@@ -16,6 +16,7 @@ import torch
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 VOCAB_PAD_MULTIPLE = 128
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass
@@ -81,8 +82,22 @@ def padded_vocab(vocab: int, tp: int) -> int:
     return -(-vocab // multiple) * multiple
 
 
+def _recompute_settings(recompute: str) -> dict:
+    """megatron's own activation-recompute settings for ``train.recompute``."""
+    if recompute == "selective":  # megatron's default selective set: the core attention
+        return {"recompute_granularity": "selective"}
+    if recompute == "full":  # every layer's input kept, the layer recomputed in backward
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    if recompute != "none":
+        raise ValueError(f"recompute must be one of {list(RECOMPUTE)}, got {recompute!r}")
+    return {}
+
+
 def transformer_config(shape: LlamaShape, tp: int = 1, pp: int = 1, sp: bool = False,
-                       dtype: torch.dtype = torch.float32):
+                       dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                       recompute: str = "none", perform_initialization: bool = True):
+    """megatron's TransformerConfig for ``shape``. ``perform_initialization=False`` when every
+    weight is loaded afterwards (the random init of 8B parameters would be thrown away)."""
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
@@ -94,11 +109,12 @@ def transformer_config(shape: LlamaShape, tp: int = 1, pp: int = 1, sp: bool = F
         num_query_groups=shape.kv_heads, ffn_hidden_size=shape.ffn, kv_channels=shape.kv_channels,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp,
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, normalization="RMSNorm",
-        layernorm_epsilon=shape.rms_eps, use_cpu_initialization=not torch.cuda.is_available(),
+        layernorm_epsilon=shape.rms_eps, use_cpu_initialization=torch.device(device).type == "cpu",
+        perform_initialization=perform_initialization,
         gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
         pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False,
+        persist_layer_norm=False, **_recompute_settings(recompute),
     )
 
 
@@ -118,21 +134,19 @@ def rope_inv_freq(shape: LlamaShape) -> torch.Tensor:
     return emb.inv_freq.to(torch.float32)
 
 
-def build_gpt(shape: LlamaShape, config, spec: str = "local"):
-    """This pipeline stage's GPTModel (``spec``: "local" torch-native, or "te")."""
+def build_gpt(shape: LlamaShape, config):
+    """This pipeline stage's GPTModel on megatron's local spec with our SDPA attention and
+    RMSNorm (models/layers.py). With full recompute, the first stage's embedding output
+    requires grad: the embedding is frozen, and a recomputed layer whose inputs need no
+    grad would pass none back to the adapters inside it."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    from .layers import RMSNorm, local_layer_spec, te_layer_spec
+    from .layers import RMSNorm, local_layer_spec
 
-    if spec == "local":
-        layer = local_layer_spec()
-        block = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=RMSNorm)
-    elif spec == "te":
-        block = te_layer_spec()
-    else:
-        raise ValueError(f"unknown model spec {spec!r}; choose 'local' (torch-native) or 'te' (transformer-engine)")
+    layer = local_layer_spec()
+    block = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=RMSNorm)
     tp = config.tensor_model_parallel_size
     model = GPTModel(
         config=config, transformer_layer_spec=block, vocab_size=padded_vocab(shape.vocab, tp),
@@ -145,6 +159,8 @@ def build_gpt(shape: LlamaShape, config, spec: str = "local"):
     model.rotary_pos_emb.forward.cache_clear()
     if model.post_process:
         _mask_padded_logits(model, shape.vocab, ps.get_tensor_model_parallel_rank())
+    if model.pre_process and config.recompute_granularity == "full":
+        model.embedding.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True) if out.is_leaf else out)
     model.llama_shape = shape
     return model
 

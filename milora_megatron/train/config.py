@@ -13,12 +13,16 @@ from dataclasses import dataclass, field
 import yaml
 
 from ..adapters.config import PAPER_TARGETS
+from ..device import DEVICES, DTYPES
+from ..models.llama import RECOMPUTE
 
 
 @dataclass
 class ModelConfig:
     load: str = ""  # a base checkpoint written by tools/convert/hf_to_megatron.py
-    spec: str = "local"  # local (torch-native: SDPA + own RMSNorm) | te (transformer-engine, untested)
+    spec: str = "local"  # local (torch-native: SDPA + own RMSNorm); the only one accepted, see validate()
+    device: str = "auto"  # auto (this rank's GPU if CUDA is visible, else CPU) | cuda | cpu
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32; adapter factors stay fp32
 
 
 @dataclass
@@ -47,6 +51,7 @@ class TrainConfig:
     eval_every: int = 100  # validation / forgetting every N steps (and at the end); 0: only at the end
     eval_batches: int = 8  # micro-batches per evaluation
     log_every: int = 1
+    recompute: str = "none"  # activation recompute: none | selective (core attention) | full (every layer)
 
 
 @dataclass
@@ -207,7 +212,12 @@ def validate(cfg: RunConfig) -> None:
         (t.schedule in ("linear", "cosine"), f"train.schedule must be linear or cosine, got {t.schedule!r}"),
         (p.tp >= 1 and p.pp >= 1, f"parallel.tp and parallel.pp must be >= 1, got {p.tp}, {p.pp}"),
         (cfg.data.template in ("alpaca", "metamath"), f"data.template must be alpaca or metamath, got {cfg.data.template!r}"),
-        (cfg.model.spec in ("local", "te"), f"model.spec must be local or te, got {cfg.model.spec!r}"),
+        (cfg.model.spec == "local", f"model.spec must be 'local', got {cfg.model.spec!r}: transformer-engine's "
+                                    "spec ('te') builds TE linears that the adapters cannot wrap, and it has not run "
+                                    "on a GPU here"),
+        (cfg.model.device in DEVICES, f"model.device must be one of {list(DEVICES)}, got {cfg.model.device!r}"),
+        (cfg.model.dtype in ("auto", *DTYPES), f"model.dtype must be one of {['auto', *DTYPES]}, got {cfg.model.dtype!r}"),
+        (t.recompute in RECOMPUTE, f"train.recompute must be one of {list(RECOMPUTE)}, got {t.recompute!r}"),
         (cfg.output.save_every >= 0, "output.save_every must be >= 0"),
         (cfg.output.keep_last >= 1, "output.keep_last must be >= 1"),
     ]

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IGNORE = 0  # loss-mask value of prompt and padding positions
-
 _PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                    "context. Write a response that appropriately completes the request.\n\n")
 _PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -54,25 +52,69 @@ def load_records(path: str):
     return datasets.load_dataset(kind, data_files=path, split="train")
 
 
+def _first_missing(records, required: tuple[str, ...]) -> tuple[int, list[str]] | None:
+    """(index, fields) of the first record lacking a required field, found column-wise."""
+    import pyarrow.compute as pc
+
+    first = None
+    for field in required:
+        if field not in records.column_names:
+            first = 0
+            break
+        nulls = records.data.column(field).null_count
+        if nulls:
+            index = pc.index(pc.is_null(records.data.column(field)), True).as_py()
+            first = index if first is None else min(first, index)
+    if first is None:
+        return None
+    record = records[first]
+    return first, [f for f in required if record.get(f) is None]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A stable identity of a tokenizer (vocabulary, merges, special tokens, BOS/EOS handling),
+    so a tokenised dataset is cached under it and reused by the other ranks."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    extra = repr((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.all_special_tokens))
+    return hashlib.sha256((text + extra).encode()).hexdigest()[:16]
+
+
 def tokenize_examples(path: str, template: str, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(token ids, loss mask) per record: BOS + prompt (mask 0) + response + EOS (mask 1)."""
+    """(token ids, loss mask) per record: BOS + prompt (mask 0) + response + EOS (mask 1).
+
+    One batched ``datasets.map`` (the fast tokenizer works on whole batches), cached by
+    ``datasets`` under a fingerprint of the file, the template and the tokenizer: the first
+    process on a node tokenises, the others load its result (see ``Trainer``)."""
     required, _optional, fmt = TEMPLATES[template]
     records = load_records(path)
-    line_word = "line" if path.endswith(".jsonl") else "record"
-    out = []
-    for index, record in enumerate(records):
-        missing = [f for f in required if record.get(f) is None]
-        if missing:
-            where = f"{line_word} {index + 1}" if line_word == "line" else f"record index {index}"
-            raise ValueError(f"{path}, {where}: missing field(s) {missing} required by the {template!r} template")
-        prompt, response = fmt(record)
-        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = np.asarray(p + r, dtype=np.int64)
-        mask = np.concatenate([np.zeros(len(p), np.float32), np.ones(len(r), np.float32)])
-        out.append((ids, mask))
-    if not out:
+    if len(records) == 0:
         raise ValueError(f"{path} holds no records")
+    missing = _first_missing(records, required)
+    if missing is not None:
+        index, fields = missing
+        where = f"line {index + 1}" if path.endswith(".jsonl") else f"record index {index}"
+        raise ValueError(f"{path}, {where}: missing field(s) {fields} required by the {template!r} template")
+    eos = tokenizer.eos_token_id
+
+    def encode(batch):
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        prompts, responses = zip(*(fmt(r) for r in rows))
+        p = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        r = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+        return {"input_ids": [a + b + [eos] for a, b in zip(p, r)], "prompt_len": [len(a) for a in p]}
+
+    fingerprint = f"milora-{template}-{tokenizer_fingerprint(tokenizer)}-{records._fingerprint}"[:64]
+    mapped = records.map(encode, batched=True, batch_size=1000, remove_columns=records.column_names,
+                         new_fingerprint=fingerprint, desc=f"tokenising {os.path.basename(path)}")
+    out = []
+    for ids, prompt_len in zip(mapped["input_ids"], mapped["prompt_len"]):
+        ids = np.asarray(ids, dtype=np.int64)
+        mask = np.ones(len(ids), np.float32)
+        mask[:prompt_len] = 0.0
+        out.append((ids, mask))
     return out
 
 
@@ -99,10 +141,8 @@ def text_samples(path: str, tokenizer, seq_len: int, max_samples: int | None = N
     records = load_records(path)
     if "text" not in records.column_names:
         raise ValueError(f"{path}: forgetting data needs a 'text' column (or a .txt file), found {records.column_names}")
-    ids = []
-    for record in records:
-        if record["text"]:
-            ids += tokenizer(record["text"], add_special_tokens=False)["input_ids"]
+    texts = [t for t in records["text"] if t]
+    ids = [i for seq in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in seq] if texts else []
     n = seq_len + 1
     count = len(ids) // n
     if max_samples:
@@ -122,6 +162,12 @@ class Batch:
 
 def make_batch(tokens: torch.Tensor, mask: torch.Tensor) -> Batch:
     return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask[:, 1:].contiguous())
+
+
+def micro_batches(tokens: torch.Tensor, masks: torch.Tensor, indices: list[int], micro_batch: int) -> list[Batch]:
+    """The samples at ``indices``, in order, cut into micro-batches."""
+    return [make_batch(tokens[indices[i : i + micro_batch]], masks[indices[i : i + micro_batch]])
+            for i in range(0, len(indices), micro_batch)]
 
 
 class SampleOrder:

@@ -1,10 +1,15 @@
 """The fine-tuning run: base checkpoint -> megatron model (+ adapters) -> megatron's pipeline
 schedule -> adapter checkpoints and metrics in ``output.dir``.
 
-Only adapter factors train. The optimizer is torch's AdamW over them: megatron-core's
-optimizers (and its distributed optimizer) are CUDA-only, and sharding the optimizer state
-of r-wide factors (a few MB per layer) over data-parallel ranks would save nothing worth
-the coupling; gradients are summed over data-parallel ranks once per step instead.
+The ``Trainer`` orchestrates; the pieces live beside it: ``parallel`` (process groups),
+``pipeline`` (the forward step and megatron's schedule), ``gradients`` (data-parallel sum,
+loss scale, norm and clipping), ``evaluation`` (validation and forgetting losses),
+``state`` (resume state) and ``data``.
+
+Only adapter factors train, as float32 masters. The optimizer is torch's AdamW over them:
+megatron-core's optimizers (and its distributed optimizer) are CUDA-only, and sharding the
+optimizer state of r-wide factors (a few MB per layer) over data-parallel ranks would save
+nothing worth the coupling; gradients are summed over data-parallel ranks once per step.
 """
 
 from __future__ import annotations
@@ -18,43 +23,21 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .. import compat
-from ..adapters import AdaptedTarget, apply_adapters, adapters_disabled
+from ..adapters import AdaptedTarget, apply_adapters
 from ..checkpoint.adapters import AdapterCheckpoint, save_adapter_checkpoint, scatter_factors, step_dir
-from ..checkpoint.base import BaseCheckpoint
 from ..checkpoint.atomic import write_json_atomic
-from ..models.llama import build_gpt, gather_logits, transformer_config
+from ..checkpoint.base import BaseCheckpoint
+from ..device import all_reduce_scalars, resolve_device, resolve_dtype
+from ..models.llama import build_gpt, transformer_config
 from . import data as D
 from .config import RunConfig
+from .evaluation import eval_micro_batches, forgetting_loss, validation_loss
+from .gradients import LossScale, clip_, global_grad_norm, reduce_over_data_parallel, unscale_
 from .metrics import MetricsLog
+from .parallel import ParallelGroups, init_distributed, seed_per_replica
+from .pipeline import masked_loss_step, run_schedule, scored_tokens, sums_from_last_stage
 from .schedule import lr_at
 from .state import load_state, prune, set_rng_state, state_writer
-
-
-class StopRequested(Exception):
-    pass
-
-
-def init_distributed(cfg: RunConfig):
-    """torch.distributed from torchrun's environment (or a single process), megatron's groups."""
-    from megatron.core import parallel_state as ps
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-    world = dist.get_world_size()
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    if world % (tp * pp):
-        raise ValueError(f"world size {world} is not a multiple of parallel.tp x parallel.pp = {tp * pp}")
-    compat.apply()
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    compat.model_parallel_manual_seed(cfg.train.seed)
 
 
 @dataclass
@@ -65,8 +48,19 @@ class Data:
 
 
 def load_data(cfg: RunConfig, base: BaseCheckpoint) -> Data:
+    """Tokenise the data files. The first process of each node tokenises (one batched
+    ``datasets.map``, cached by ``datasets``); the node's other processes then load that."""
     from transformers import AutoTokenizer
 
+    if not cfg.data.train:
+        raise ValueError("data.train is not set")
+    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if dist.get_rank() != 0:
+        import datasets
+
+        datasets.disable_progress_bars()
+    if not first_on_node:
+        dist.barrier()
     tok = AutoTokenizer.from_pretrained(base.hf_side_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     t, d = cfg.train, cfg.data
@@ -82,58 +76,69 @@ def load_data(cfg: RunConfig, base: BaseCheckpoint) -> Data:
                   f"train.seq_len={t.seq_len} and are skipped", flush=True)
         return tokens[keep], masks[keep]
 
-    if not d.train:
-        raise ValueError("data.train is not set")
     forgetting = D.text_samples(d.forgetting, tok, t.seq_len, max_samples=t.eval_batches * t.micro_batch) if d.forgetting else None
-    return Data(samples(d.train), samples(d.valid) if d.valid else None, forgetting)
+    data = Data(samples(d.train), samples(d.valid) if d.valid else None, forgetting)
+    if first_on_node:
+        dist.barrier()
+    return data
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 (Slurm's time limit, preemption) recorded, to be acted on between
+    steps. Installed before the model is built, so a signal during a long init still saves."""
+
+    def __init__(self):
+        self.received: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.received = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank received one: all stop at the same step."""
+        return all_reduce_scalars([1.0 if self.received else 0.0], op=dist.ReduceOp.MAX)[0] > 0
 
 
 class Trainer:
     """``base`` and ``data`` default to what the config names (``model.load``, ``data.*``); the
-    throughput benchmark passes random weights and tokens instead, to time the same steps."""
+    throughput benchmark and the GPU check pass random weights and tokens instead."""
 
-    def __init__(self, cfg: RunConfig, base: BaseCheckpoint | None = None, data: Data | None = None):
-        from megatron.core import parallel_state as ps
-
-        self.cfg = cfg
-        self.ps = ps
+    def __init__(self, cfg: RunConfig, groups: ParallelGroups, device: torch.device, base=None,
+                 data: Data | None = None, stop: StopSignals | None = None):
+        self.cfg, self.groups, self.device = cfg, groups, device
         self.rank = dist.get_rank()
-        self.tp, self.tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        t = cfg.train
-        if t.global_batch % (self.dp * t.micro_batch):
-            raise ValueError(f"train.global_batch {t.global_batch} is not a multiple of data-parallel size {self.dp} "
+        g, t = groups, cfg.train
+        if t.global_batch % (g.dp_size * t.micro_batch):
+            raise ValueError(f"train.global_batch {t.global_batch} is not a multiple of data-parallel size {g.dp_size} "
                              f"x train.micro_batch {t.micro_batch}")
-        self.num_micro = t.global_batch // (self.dp * t.micro_batch)
-        self.dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        self.num_micro = t.global_batch // (g.dp_size * t.micro_batch)
+        self.dtype = resolve_dtype(cfg.model.dtype, device)
         self.out = os.path.abspath(cfg.output.dir)
+        self.stop = stop
         self.base = base if base is not None else BaseCheckpoint(cfg.model.load)
         shape = self.base.shape
         if t.seq_len > shape.max_seq:
             raise ValueError(f"train.seq_len {t.seq_len} exceeds the model's max_position_embeddings {shape.max_seq}")
-        mcfg = transformer_config(shape, tp=self.tp, pp=ps.get_pipeline_model_parallel_world_size(),
-                                  sp=cfg.parallel.sp, dtype=self.dtype)
-        self.model = build_gpt(shape, mcfg, spec=cfg.model.spec)
-        if torch.cuda.is_available():
-            self.model.cuda()
-        self.base.load_into(self.model, self.tp_rank, self.tp)
+        start = time.perf_counter()
+        mcfg = transformer_config(shape, tp=g.tp_size, pp=g.pp_size, sp=cfg.parallel.sp, dtype=self.dtype,
+                                  device=device, recompute=t.recompute, perform_initialization=False)
+        self.model = build_gpt(shape, mcfg).to(device)
+        self.base.load_into(self.model, g.tp_rank, g.tp_size)
         self.peft = cfg.peft_config()
-        verbose = self.rank == 0
-        self.targets: list[AdaptedTarget] = apply_adapters(self.model, self.peft, ps.get_tensor_model_parallel_group(),
-                                                           ps.get_data_parallel_group(), progress=verbose)
+        self.targets: list[AdaptedTarget] = apply_adapters(self.model, self.peft, g.tp, g.dp, progress=self.rank == 0)
+        self.init_s = time.perf_counter() - start
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # factors every TP rank holds whole (column A, row B): counted once in the grad norm
-        replicated = {id(getattr(t.adapter, f)) for t in self.targets for f in ("lora_A", "lora_B")
-                      if t.factor_split_dim(f) is None}
-        self.norm_params = [p for p in self.params if id(p) not in replicated or self.tp_rank == 0]
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay,
+                                           fused=device.type == "cuda")
+        self.loss_scale = LossScale(dynamic=self.dtype == torch.float16)
+        seed_per_replica(t.seed, g)
         self.data = data if data is not None else load_data(cfg, self.base)
         self.order = D.SampleOrder(len(self.data.train[0]), t.seed)
         n = len(self.data.train[0])
         self.total = t.iters if t.iters >= 0 else math.ceil(t.epochs * n / t.global_batch)
         self.step, self.position = 0, 0
         self.metrics = MetricsLog(self.out, self.total, enabled=self.rank == 0)
-        self._stop_signal = None
 
     # ---- bookkeeping -------------------------------------------------------------------
     def resume_or_start(self) -> None:
@@ -143,209 +148,94 @@ class Trainer:
             latest = AdapterCheckpoint(self.out)
         except FileNotFoundError:
             pass
+        g = self.groups
         if latest is not None:
             if latest.meta["base"]["fingerprint"] != self.base.fingerprint:
                 raise ValueError(f"{self.out} was trained on another base checkpoint ({latest.meta['base']['path']})")
-            scatter_factors(self.targets, latest.tensors(), self.tp_rank, self.tp)
+            scatter_factors(self.targets, latest.tensors(), g.tp_rank, g.tp_size)
             state = load_state(latest, self.rank)
             self.optimizer.load_state_dict(state["optimizer"])
             self.step, self.position = state["step"], state["position"]
+            self.loss_scale.load_state_dict(state.get("loss_scale", self.loss_scale.state_dict()))
             set_rng_state(state["rng"])
             self.metrics.log({"event": "resumed", "from": latest.path, "step": self.step})
         elif self.rank == 0:
             write_json_atomic(os.path.join(self.out, "config.json"), self.cfg.to_dict())
             write_json_atomic(os.path.join(self.out, "run.json"), {
                 "base": {"path": self.base.path, "fingerprint": self.base.fingerprint},
-                "world_size": dist.get_world_size(), "tp": self.tp, "pp": self.ps.get_pipeline_model_parallel_world_size(),
-                "dp": self.dp, "total_steps": self.total,
+                "world_size": dist.get_world_size(), "tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size,
+                "total_steps": self.total, "device": self.device.type, "dtype": str(self.dtype).replace("torch.", ""),
             })
 
     def save(self) -> str:
         path = step_dir(self.out, self.step)
-        save_adapter_checkpoint(path, self.targets, self.peft, self.base, self.step,
-                                extra_writer=state_writer(self.rank, self.optimizer, self.step, self.position))
+        writer = state_writer(self.rank, self.optimizer, self.step, self.position,
+                              extra={"loss_scale": self.loss_scale.state_dict()})
+        save_adapter_checkpoint(path, self.targets, self.peft, self.base, self.step, extra_writer=writer)
         if self.rank == 0:
             prune(self.out, self.cfg.output.keep_last)
         dist.barrier()
         return path
 
-    def _install_signal_handlers(self) -> None:
-        def handler(signum, _frame):
-            self._stop_signal = signal.Signals(signum).name
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
-
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0])
-        dist.all_reduce(flag)  # every rank stops at the same step
-        return flag.item() > 0
-
     # ---- one step ----------------------------------------------------------------------
-    def _eval_batches(self, tokens, masks, count: int):
-        """This data-parallel rank's share of the first ``count`` samples, padded with
-        zero-mask copies to the same whole number of micro-batches on every rank: pipeline
-        stages exchange fixed-shape tensors, and every rank must run the same collectives."""
-        mb = self.cfg.train.micro_batch
-        count = min(count, len(tokens))
-        per_rank = math.ceil(count / (self.dp * mb)) * mb
-        idx = list(range(count))[self.dp_rank :: self.dp]
-        pad = per_rank - len(idx)
-        tokens, masks = tokens[idx + [0] * pad], masks[idx + [0] * pad].clone()
-        masks[len(idx):] = 0
-        return self._micro_batches(tokens, masks, list(range(per_rank)))
-
-    def _micro_batches(self, tokens, masks, indices):
-        mb = self.cfg.train.micro_batch
-        return [D.make_batch(tokens[indices[i : i + mb]], masks[indices[i : i + mb]]) for i in range(0, len(indices), mb)]
-
-    def _schedule(self, batches, loss_scale: float, forward_only: bool):
-        """Megatron's forward(-backward) over micro-batches; returns the summed masked loss on
-        the last stage (scaled by ``loss_scale``), broadcast to every rank."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        num = len(batches)
-
-        def step_fn(iterator, model):
-            b = next(iterator)
-            pos = torch.arange(b.tokens.shape[1]).unsqueeze(0).expand_as(b.tokens)
-            dev = next(model.parameters()).device
-            out = model(b.tokens.to(dev), pos.to(dev), None, labels=b.labels.to(dev))
-
-            def loss_func(per_token):
-                total = (per_token.float() * b.mask.to(per_token.device)).sum() * loss_scale
-                # megatron divides by the number of micro-batches; undo it so the sum is exact
-                return total * num, {"loss_sum": total.detach()}
-
-            return out, loss_func
-
-        seq = self.cfg.train.seq_len
-        results = get_forward_backward_func()(
-            forward_step_func=step_fn, data_iterator=iter(batches), model=[self.model], num_microbatches=num,
-            seq_length=seq, micro_batch_size=self.cfg.train.micro_batch, forward_only=forward_only,
-        )
-        return self._from_last_stage(sum(r["loss_sum"].item() for r in results) if results else 0.0)
-
-    def _from_last_stage(self, *values: float):
-        """Sum ``values`` over data-parallel ranks and give the last stage's sums to every stage."""
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t, group=self.ps.get_data_parallel_group())
-        last = self.ps.get_pipeline_model_parallel_last_rank()
-        dist.broadcast(t, src=last, group=self.ps.get_pipeline_model_parallel_group())
-        return t.item() if len(values) == 1 else t.tolist()
-
-    def _global_tokens(self, batches) -> float:
-        n = torch.tensor([sum(float(b.mask.sum()) for b in batches)], dtype=torch.float64)
-        dist.all_reduce(n, group=self.ps.get_data_parallel_group())
-        return n.item()
-
-    def _clip_and_norm(self) -> float:
-        sq = torch.zeros(1, dtype=torch.float64)
-        for p in self.norm_params:
-            if p.grad is not None:
-                sq += p.grad.detach().double().pow(2).sum().cpu()
-        dist.all_reduce(sq, group=self.ps.get_model_parallel_group())
-        norm = sq.sqrt().item()
-        clip = self.cfg.train.clip_grad
-        if clip > 0 and norm > clip:
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(clip / (norm + 1e-6))
-        return norm
-
     def train_step(self) -> dict:
-        t = self.cfg.train
+        t, g = self.cfg.train, self.groups
         start = time.time()
-        indices = self.order.step_indices(self.position, t.global_batch, self.dp_rank, self.dp)
-        batches = self._micro_batches(*self.data.train, indices)
-        tokens = self._global_tokens(batches)
+        indices = self.order.step_indices(self.position, t.global_batch, g.dp_rank, g.dp_size)
+        batches = D.micro_batches(*self.data.train, indices, t.micro_batch)
+        tokens = scored_tokens(batches, g)
         self.model.train()
         for p in self.params:
             p.grad = None
-        loss = self._schedule(batches, 1.0 / max(tokens, 1.0), forward_only=False)
-        if self.dp > 1:  # one flat all-reduce of all adapter gradients per step
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            flat = torch.cat([p.grad.reshape(-1) for p in self.params])
-            dist.all_reduce(flat, group=self.ps.get_data_parallel_group())
-            for p, g in zip(self.params, flat.split([p.numel() for p in self.params])):
-                p.grad.copy_(g.view_as(p))
-        norm = self._clip_and_norm()
+        scale = self.loss_scale.scale
+        step = masked_loss_step(tokens, len(batches), loss_scale=scale)
+        results = run_schedule(self.model, batches, step, t.seq_len, t.micro_batch, forward_only=False)
+        loss = sums_from_last_stage(results, ["loss_sum"], g)[0]
+        reduce_over_data_parallel(self.params, g.dp, g.dp_size)
+        unscale_(self.params, scale)
+        norm_t = global_grad_norm(self.params, g.mp)
+        norm = norm_t.item()  # the step's one host sync on the gradients
         lr = lr_at(self.step, self.total, t.lr, t.warmup, t.schedule, t.min_lr)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        if not math.isfinite(loss) or not math.isfinite(norm):
-            raise FloatingPointError(f"non-finite loss {loss} / grad norm {norm} at step {self.step + 1}")
-        self.optimizer.step()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss} at step {self.step + 1}")
+        record = {}
+        if self.loss_scale.update(math.isfinite(norm)):
+            clip_(self.params, t.clip_grad, norm_t)
+            self.optimizer.step()
+        elif self.loss_scale.dynamic:  # fp16 overflow: skip this step, the scale was lowered
+            record["skipped"] = True
+        else:
+            raise FloatingPointError(f"non-finite grad norm {norm} at step {self.step + 1}")
+        if self.loss_scale.dynamic:
+            record["loss_scale"] = scale
         self.step += 1
         self.position += t.global_batch
         elapsed = time.time() - start
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "loss_tokens": tokens,
                 "step_time_s": round(elapsed, 4), "tokens_per_s": t.global_batch * t.seq_len / elapsed,
-                "epoch": round(self.position / len(self.data.train[0]), 4)}
+                "epoch": round(self.position / len(self.data.train[0]), 4), **record}
 
     # ---- evaluation --------------------------------------------------------------------
-    @torch.no_grad()
-    def validation_loss(self) -> float | None:
-        if self.data.valid is None:
-            return None
-        tokens, masks = self.data.valid
-        batches = self._eval_batches(tokens, masks, self.cfg.train.eval_batches * self.cfg.train.micro_batch)
-        total = self._global_tokens(batches)
-        self.model.eval()
-        return self._schedule(batches, 1.0 / max(total, 1.0), forward_only=True)
-
-    @torch.no_grad()
-    def forgetting_loss(self) -> float | None:
-        """Cross-entropy of the fine-tuned model's next-token distribution against the base
-        model's (the same model with the adapter's delta off), per token (paper section 5)."""
-        if self.data.forgetting is None:
-            return None
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        tokens, masks = self.data.forgetting
-        batches = self._eval_batches(tokens, masks, len(tokens))
-        self.model.eval()
-
-        def run():
-            def step_fn(iterator, model):
-                b = next(iterator)
-                pos = torch.arange(b.tokens.shape[1]).unsqueeze(0).expand_as(b.tokens)
-                dev = next(model.parameters()).device
-                out = model(b.tokens.to(dev), pos.to(dev), None)
-                return out, lambda o: (o.sum() * 0.0, {"logp": torch.log_softmax(gather_logits(self.model, o).float(), -1)})
-
-            return get_forward_backward_func()(
-                forward_step_func=step_fn, data_iterator=iter(batches), model=[self.model], num_microbatches=len(batches),
-                seq_length=self.cfg.train.seq_len, micro_batch_size=self.cfg.train.micro_batch, forward_only=True)
-
-        with adapters_disabled(self.model):
-            base = run()
-        tuned = run()
-        total, count = 0.0, 0.0
-        for b_out, t_out, batch in zip(base, tuned, batches):
-            p_base = b_out["logp"].exp()
-            mask = batch.mask.to(p_base.device)  # [b, s]; 0 on padding samples
-            total += -((p_base * t_out["logp"]).sum(-1) * mask).sum().item()
-            count += mask.sum().item()
-        s, n = self._from_last_stage(total, count)
-        return s / max(n, 1.0)
-
     def evaluate(self) -> None:
+        t, g = self.cfg.train, self.groups
         record = {"step": self.step, "event": "eval"}
-        v = self.validation_loss()
-        f = self.forgetting_loss()
-        if v is not None:
-            record["valid_loss"] = v
-        if f is not None:
-            record["forgetting_loss"] = f
+        if self.data.valid is not None:
+            batches = eval_micro_batches(*self.data.valid, t.eval_batches * t.micro_batch, t.micro_batch, g)
+            record["valid_loss"] = validation_loss(self.model, batches, g, t.seq_len, t.micro_batch)
+        if self.data.forgetting is not None:
+            tokens, masks = self.data.forgetting
+            batches = eval_micro_batches(tokens, masks, len(tokens), t.micro_batch, g)
+            record["forgetting_loss"] = forgetting_loss(self.model, batches, g, t.seq_len, t.micro_batch)
         if len(record) > 2:
             self.metrics.log(record)
 
     # ---- the run -----------------------------------------------------------------------
+    def _stop_requested(self) -> bool:
+        return self.stop is not None and self.stop.agreed()
+
     def run(self) -> dict:
-        self._install_signal_handlers()  # first: a stop request during the (long) init still saves
         self.resume_or_start()
         t, o = self.cfg.train, self.cfg.output
         if self.total == 0:
@@ -353,9 +243,11 @@ class Trainer:
             self.metrics.log({"event": "saved initial adapters (train.iters=0)", "checkpoint": path})
             return {"step": 0, "checkpoint": path}
         if self.step == 0 and self.rank == 0:
-            print(f"training {self.peft.method} r={self.peft.rank} for {self.total} steps "
-                  f"(TP={self.tp} PP={self.ps.get_pipeline_model_parallel_world_size()} DP={self.dp}, "
-                  f"{self.num_micro} micro-batches of {t.micro_batch} per step)", flush=True)
+            g = self.groups
+            print(f"training {self.peft.method} r={self.peft.rank} for {self.total} steps on {self.device.type} "
+                  f"in {str(self.dtype).replace('torch.', '')} (TP={g.tp_size} PP={g.pp_size} DP={g.dp_size}, "
+                  f"{self.num_micro} micro-batches of {t.micro_batch} per step; model and adapters ready in "
+                  f"{self.init_s:.1f} s)", flush=True)
         last = {}
         while self.step < self.total:
             try:
@@ -371,7 +263,7 @@ class Trainer:
                 self.save()
             if self._stop_requested():
                 path = self.save()
-                self.metrics.log({"event": "stopped", "reason": f"received {self._stop_signal or 'a stop signal'}",
+                self.metrics.log({"event": "stopped", "reason": f"received {self.stop.received or 'a stop signal'}",
                                   "step": self.step, "checkpoint": path})
                 if self.rank == 0:
                     print(f"saved {path} after a stop signal; rerun the same command to resume", flush=True)
@@ -382,7 +274,13 @@ class Trainer:
         return {"step": self.step, "checkpoint": path, "loss": last.get("loss")}
 
 
+def setup(cfg: RunConfig) -> tuple[torch.device, ParallelGroups]:
+    """This process's device and the run's process groups, from the config."""
+    device = resolve_device(cfg.model.device)
+    return device, init_distributed(device, cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
+
+
 def run(cfg: RunConfig) -> dict:
-    init_distributed(cfg)
-    trainer = Trainer(cfg)
-    return trainer.run()
+    stop = StopSignals()  # first: a stop request during the (long) init still saves
+    device, groups = setup(cfg)
+    return Trainer(cfg, groups, device, stop=stop).run()

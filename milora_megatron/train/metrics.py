@@ -8,6 +8,16 @@ import os
 import time
 
 
+def nvml_uuid(torch_uuid) -> str:
+    """NVML's name for a device from torch's ``get_device_properties(...).uuid``.
+
+    NVML numbers GPUs physically and ignores ``CUDA_VISIBLE_DEVICES``, so torch's device
+    index is the wrong GPU whenever the visible set is remapped (Slurm, containers); the
+    UUID is the same on both sides. torch prints it bare, NVML wants "GPU-..." (or "MIG-...")."""
+    text = str(torch_uuid)
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+
+
 @functools.lru_cache(maxsize=1)
 def _nvml_handle():
     """This rank's GPU for nvidia-ml-py, or None (no GPU, no NVML): looked up once per process."""
@@ -18,27 +28,29 @@ def _nvml_handle():
         if not torch.cuda.is_available():
             return None
         pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        uuid = nvml_uuid(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid)
     except Exception:
         return None
 
 
 def _gpu_stats() -> dict:
-    handle = _nvml_handle()
-    if handle is None:
-        return {}
-    try:
-        import pynvml
-        import torch
+    """Peak memory from torch (this process's allocations); utilisation and power from NVML."""
+    import torch
 
-        util = pynvml.nvmlDeviceGetUtilizationRates(handle)
-        return {
-            "gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "gpu_util": util.gpu,
-            "gpu_power_w": round(pynvml.nvmlDeviceGetPowerUsage(handle) / 1000, 1),
-        }
-    except Exception:  # telemetry must never stop training
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return {}
+    stats = {"gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    handle = _nvml_handle()
+    if handle is not None:
+        try:
+            import pynvml
+
+            stats["gpu_util"] = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+            stats["gpu_power_w"] = round(pynvml.nvmlDeviceGetPowerUsage(handle) / 1000, 1)
+        except Exception:  # telemetry must never stop training
+            pass
+    return stats
 
 
 class MetricsLog:

@@ -56,7 +56,9 @@ def load_state(ckpt: AdapterCheckpoint, rank: int) -> dict:
             f"{ckpt.path} has no training state for rank {rank}: resume needs the same world size "
             "(and TP/PP) it was saved with"
         )
-    return torch.load(path, weights_only=False)
+    # to the CPU first: the file names the device it was saved from (cuda:N of another node
+    # or local rank); load_state_dict then moves the optimizer state next to its parameters
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def prune(run_dir: str, keep_last: int) -> None:

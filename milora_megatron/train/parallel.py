@@ -1,0 +1,80 @@
+"""The process groups of a run: torch.distributed from torchrun's environment, megatron's
+TP/PP/DP groups, and one small record of them that the rest of the trainer is handed."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .. import compat
+from ..device import backend_for
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    tp: object
+    pp: object
+    dp: object
+    mp: object  # TP x PP: every rank holding a different part of one model replica
+    tp_size: int
+    tp_rank: int
+    pp_size: int
+    pp_rank: int
+    dp_size: int
+    dp_rank: int
+    pp_last_rank: int  # global rank of this pipeline's last stage
+
+    @classmethod
+    def from_megatron(cls) -> "ParallelGroups":
+        from megatron.core import parallel_state as ps
+
+        return cls(
+            tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),
+            dp=ps.get_data_parallel_group(), mp=ps.get_model_parallel_group(),
+            tp_size=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+            pp_size=ps.get_pipeline_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank(),
+            pp_last_rank=ps.get_pipeline_model_parallel_last_rank(),
+        )
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+
+def init_distributed(device: torch.device, tp: int, pp: int, seed: int) -> ParallelGroups:
+    """torch.distributed (NCCL on a GPU, gloo on the CPU) and megatron's groups; then the
+    seeds megatron's model construction expects (the same on every rank)."""
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a single process without torchrun
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend_for(device))
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not a multiple of parallel.tp x parallel.pp = {tp * pp}")
+    compat.apply(device)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    compat.model_parallel_manual_seed(seed)
+    return ParallelGroups.from_megatron()
+
+
+def seed_per_replica(seed: int, groups: ParallelGroups) -> None:
+    """Give every data-parallel replica and pipeline stage its own dropout streams.
+
+    Model construction needs the same default stream everywhere (megatron's CPU init draws
+    whole matrices and slices them), but after it, replicas that saw the same seed would
+    draw the same adapter-dropout masks on different data. TP ranks of one stage keep a
+    shared default stream (masks on replicated inputs must agree) and their own
+    tensor-parallel streams, as megatron sets them. Rank (dp 0, stage 0) keeps ``seed``.
+    """
+    offset = 1009 * (groups.dp_rank * groups.pp_size + groups.pp_rank)
+    compat.model_parallel_manual_seed(seed + offset)
