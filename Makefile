@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-adapters test bench bench-train replicate clean
+.PHONY: venv demo demo-adapters test bench bench-train bench-bf16 replicate gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,28 @@ bench: $(STAMP)
 #   .venv/bin/python benchmarks/bench_train_throughput.py   (Llama-3-8B shape, seq 2048)
 bench-train: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) benchmarks/bench_train_throughput.py --small
+
+# Adapter updates in bf16 against fp32, with and without fp32 master factors (README "bf16").
+bench-bf16: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 benchmarks/bench_bf16_factors.py
+
+# The GPU check (tools/gpu_check.py) runs on a GPU machine with its own python3 and torch,
+# never this project's .venv. `make gpu-wheels` here gathers the cp312 wheels that machine
+# lacks into .whl/ (carry it there); `make gpu-check` there installs them into a scratch
+# folder and writes $(GPU_OUT)/gpu_check.json and gpu_check.log (< 8 min on one H100).
+GPU_WHEELS := megatron-core==0.16.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+GPU_OUT ?= gpu_check_out
+GPU_SITE ?= /tmp/milora-gpu-site
+
+gpu-wheels:
+	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl $(GPU_WHEELS)
+
+gpu-check:
+	test -d .whl || { echo "no .whl/: run 'make gpu-wheels' where pip can download, and carry .whl here"; exit 2; }
+	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 python3 tools/gpu_check.py --out $(GPU_OUT)
 
 # The CPU replication of the paper's claims (replication/replicate.py; ~45 min on 2 cores).
 # Writes replication/results/ (RESULTS.md, replication.png, runs.json); reruns reuse runs/replication.

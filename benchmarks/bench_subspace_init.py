@@ -66,15 +66,18 @@ def time_init(shapes: dict, rank: int, device: str) -> list[tuple[str, float, fl
     return rows
 
 
-def precision(n: int, rank: int, cond: float) -> list[tuple[str, str, float, float, float]]:
+def precision(n: int, rank: int, cond: float, device: str = "cpu") -> list[tuple[str, str, float, float, float]]:
+    """Each method on ``device``; the float64 reference SVD on the CPU."""
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         w = llama_like(n, n, cond, seed=7, dtype=dtype)
-        wd = w.double()
-        ref_u, ref_s, ref_vh = torch.linalg.svd(wd)
+        ref_u, ref_s, ref_vh = torch.linalg.svd(w.double())
         ref_u, ref_s, ref_v = ref_u[:, -rank:], ref_s[-rank:], ref_vh[-rank:].t()
+        w = w.to(device)
+        wd = w.double()
 
         def report(label, sigma, u, v):
+            sigma, u = sigma.cpu(), u.cpu()
             sigma, order = sigma.sort(descending=True)
             rel = ((sigma - ref_s) / ref_s).abs().max().item()
             sin_u = torch.linalg.matrix_norm(u - ref_u @ (ref_u.t() @ u), 2).item()

@@ -42,7 +42,8 @@ def _local_factors(targets):
 
 
 def gather_factors(targets, tp_group=None) -> dict[str, torch.Tensor]:
-    """Full float32 factors of this stage's targets, keyed ``<hf module>.<factor>`` (collective over TP)."""
+    """Full float32 factors of this stage's targets on the CPU, keyed ``<hf module>.<factor>``
+    (collective over TP: gathered on the model's device, then moved)."""
     import torch.distributed as dist
 
     tp = tp_group.size() if tp_group is not None else 1
@@ -53,7 +54,7 @@ def gather_factors(targets, tp_group=None) -> dict[str, torch.Tensor]:
             parts = [torch.empty_like(local) for _ in range(tp)]
             dist.all_gather(parts, local, group=tp_group)
             local = torch.cat(parts, dim=dim)
-        out[key] = local.clone()
+        out[key] = local.cpu().clone()
     return out
 
 
