@@ -188,3 +188,25 @@ def test_nvml_finds_the_gpu_by_uuid(monkeypatch):
         metrics._nvml_handle.cache_clear()
     assert asked == ["GPU-5b2c3a4d-0000-1111-2222-333344445555"]
     assert metrics.nvml_uuid("MIG-abc") == "MIG-abc"
+
+
+def test_bf16_training_keeps_the_small_updates(tmp_path):
+    """benchmarks/bench_bf16_factors.py at TP=2: in a bf16 model the fp32 master factors
+    follow the fp32 run's update, every step moves them; factors kept in bf16 (the trainer
+    before fp32 masters, emulated) round most updates away."""
+    import json
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bf16.json"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          os.path.join(root, "benchmarks", "bench_bf16_factors.py"), "--steps", "20", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    fp32, bf16, bf16_factors = json.loads(out.read_text())["results"]
+    assert bf16["factor_dtype"] == bf16["optimizer_state_dtype"] == "float32"
+    assert bf16["idle_step_fraction"] == 0.0 and bf16["unchanged_entry_fraction"] < 0.01
+    assert bf16["update_rel_diff_vs_fp32"] < 0.15  # bf16 activations only
+    assert bf16_factors["factor_dtype"] == "bfloat16"
+    assert bf16_factors["unchanged_entry_fraction"] > 0.5 and bf16_factors["update_rel_diff_vs_fp32"] > 0.5

@@ -80,6 +80,15 @@ def test_tp2_pp2_matches_tp1(setup, tmp_path):
     _run(1, _common(root, ckpt, ref, **{"parallel.tp": 1, "parallel.pp": 1, **ev}))
     expected, expected_evals = _losses(ref), _evals(ref)
     assert len(expected) == 5 and expected[-1] < expected[0] and len(expected_evals) == 1
+    # independent reference for the in-run (vocab-parallel, per micro-batch) forgetting loss:
+    # the analysis tool on the exported PEFT adapter, through transformers, same windows
+    from milora_megatron.analysis.forgetting import general_text_metrics, load_pair
+    from milora_megatron.convert.exporter import export_peft
+
+    export_peft(str(ref), str(tmp_path / "peft"))
+    pair = load_pair(str(root / "hf"), adapter_dir=str(tmp_path / "peft"), device="cpu", dtype="float32")
+    tool = general_text_metrics(pair, str(root / "general.txt"), seq_len=256, batch_size=3, max_windows=9, progress=False)
+    assert abs(tool["forgetting_loss"] - expected_evals[0][1]) <= 1e-5 * expected_evals[0][1], (tool, expected_evals)
     runs = [(4, {"parallel.tp": 2, "parallel.pp": 2, "parallel.sp": sp}) for sp in ("false", "true")]
     runs.append((2, {"parallel.tp": 1, "parallel.pp": 1}))  # DP=2
     for nproc, par in runs:
@@ -229,3 +238,34 @@ def test_shipped_configs_load_with_the_contract_keys():
     bad = subprocess.run([sys.executable, LAUNCH, "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "x.y=1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "valid keys" in bad.stderr
+
+
+def _records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def test_recompute_and_reduced_precision(setup, tmp_path):
+    """train.recompute=selective|full (megatron's own activation recompute; the frozen
+    embedding's output is made to require grad so a recomputed layer passes gradients to its
+    adapters) gives the same steps as none, dropout included; model.dtype=bf16 and fp16 (with
+    its loss scale) train the fp32 master factors to nearly the fp32 losses."""
+    root, ckpt = setup
+
+    def steps(name, **extra):
+        out = tmp_path / name
+        _run(2, _common(root, ckpt, out, **{"parallel.tp": 2, "train.iters": 3, "peft.dropout": 0.05,
+                                            "train.seq_len": 128, **extra}))
+        return _records(out)
+
+    reference = steps("none")
+    key = [(r["loss"], r["grad_norm"]) for r in reference]
+    for mode in ("selective", "full"):
+        assert [(r["loss"], r["grad_norm"]) for r in steps(mode, **{"train.recompute": mode})] == key, mode
+    for dtype in ("bf16", "fp16"):
+        got = steps(dtype, **{"model.dtype": dtype})
+        for r, ref in zip(got, reference):
+            assert abs(r["loss"] - ref["loss"]) <= 2e-3 * ref["loss"], (dtype, got, reference)
+        assert all(("loss_scale" in r) == (dtype == "fp16") for r in got)
+    run = json.loads((tmp_path / "fp16" / "run.json").read_text())
+    assert run["dtype"] == "float16" and run["device"] == "cpu"
