@@ -25,7 +25,8 @@ DATA = os.path.join(ROOT, "data", "demo")
 
 def step(title: str, cmd: list[str]) -> None:
     print(f"\n=== {title}\n$ {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # a CPU demo (gloo), GPU or not: the config pins model.device=cpu and GPUs are hidden
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
 
 
 def main() -> int:

@@ -19,7 +19,11 @@ config keys (section.key = default):
 {keys}
 
   model.load        converted base checkpoint (tools/convert/hf_to_megatron.py)
-  model.spec        local (torch-native SDPA + RMSNorm, tested) | te (transformer-engine, untested)
+  model.spec        local (torch-native SDPA + RMSNorm); te is refused (TE linears cannot be adapted)
+  model.device      auto (this rank's GPU when CUDA is visible, else CPU) | cuda | cpu
+  model.dtype       auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 (dynamic loss scale) | fp32;
+                    the adapter factors, their gradients and AdamW state are fp32 in every case
+  train.recompute   none | selective (core attention) | full (every layer): activation memory for compute
   data.train/valid  jsonl, json, parquet file or a datasets save_to_disk folder
   data.template     alpaca (instruction/[input]/output) | metamath (query/response); loss on the response only
   data.forgetting   held-out general text (.txt or a 'text' column): forgetting loss vs the base model
