@@ -66,6 +66,7 @@ def bench_method(method: str, args, shape: LlamaShape, out_dir: str) -> dict:
         f"peft.dropout={args.dropout}", f"peft.targets=[{','.join(args.targets)}]", f"peft.residual={args.residual}",
         f"train.iters={steps}", f"train.seq_len={args.seq_len}", f"train.global_batch={args.global_batch}",
         f"train.micro_batch={args.micro_batch}", "train.eval_every=0", "train.warmup=1", "train.lr=3e-4",
+        f"train.recompute={getattr(args, 'recompute', 'none')}",
         f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", f"parallel.sp={str(args.sp).lower()}",
         "output.save_every=0", f"output.dir={os.path.join(out_dir, method)}", "model.load=random-weights",
     ]
@@ -89,7 +90,7 @@ def bench_method(method: str, args, shape: LlamaShape, out_dir: str) -> dict:
             times.append(time.perf_counter() - t0)
     trainable = sum(p.numel() for p in trainer.params)
     result = {
-        "method": method, "init_s": init_s, "step_s": statistics.mean(times),
+        "method": method, "recompute": getattr(args, "recompute", "none"), "init_s": init_s, "step_s": statistics.mean(times),
         "step_s_sd": statistics.stdev(times) if len(times) > 1 else 0.0,
         "tokens_per_s": args.global_batch * args.seq_len / statistics.mean(times),
         "peak_mem_gib": peak_memory_gib(), "trainable_params_per_rank": trainable,
@@ -118,6 +119,8 @@ def main() -> int:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (world size must be a multiple of tp x pp)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--sp", action="store_true", help="sequence parallelism (needs tp > 1)")
+    p.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
+                   help="activation recompute (train.recompute)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (allocator, kernels)")
     p.add_argument("--json", default=None, help="also write the results to this file")

@@ -2,9 +2,14 @@
 
 These are decided here and nowhere else. A collective only works on tensors of the device
 its group's backend serves: NCCL has no CPU path ("No backend type associated with device
-type cpu"), gloo is the CPU backend. So a small host-side value that several ranks must
-agree on (a stop flag, a token count, a loss sum) is built on ``collective_device(group)``,
-never on a device chosen at the call site.
+type cpu"), gloo is the CPU backend. Two kinds of tensor reach collectives:
+
+* tensors of the model (weights and the subspace work derived from them, activations,
+  gradients, adapter factors) live on the run's device, and the run's backend is chosen
+  from that same device (``backend_for``), so they are right by construction;
+* host values that ranks must agree on (a stop flag, a token count, a loss sum, a norm)
+  are built on ``collective_device(group)``, a function of the group's backend, never on
+  a device picked at the call site.
 """
 
 from __future__ import annotations

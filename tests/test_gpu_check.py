@@ -22,5 +22,6 @@ def test_gpu_check_runs_at_tiny_size(tmp_path):
     assert trainer["resumed_at"] == 4 and trainer["resume_max_rel_diff"] == 0.0  # bit-exact on CPU
     assert sections["logits"]["float32"]["max_abs_diff"] <= 1e-4
     assert sections["branch"]["milora"]["bit_identical"]
-    assert [leg["method"] for leg in sections["throughput"]["legs"]] == ["lora", "milora", "hf+peft lora"]
+    assert [leg["method"] for leg in sections["throughput"]["legs"]] == ["lora", "milora", "lora", "hf+peft lora"]
+    assert sections["throughput"]["legs"][2]["recompute"] == "full"
     assert "gpu check on CPU" in (tmp_path / "gpu_check.log").read_text()

@@ -367,9 +367,11 @@ def section_throughput(work: str, tiny: bool) -> dict:
             "seq_len": 64 if tiny else 2048, "global_batch": 4 if tiny else 16, "micro_batch": 2,
             "tp": 1, "pp": 1, "sp": False, "steps": 2 if tiny else 3, "warmup_steps": 1 if tiny else 2}
     legs = []
-    for method in ("lora", "milora"):
+    # lora and milora as trained by default, then lora with full recompute: the memory /
+    # speed trade that decides train.recompute's default on a GPU
+    for method, recompute in (("lora", "none"), ("milora", "none"), ("lora", "full")):
         free_memory()
-        legs.append(_trainer_leg(method, shape, args, work))
+        legs.append(_trainer_leg(method, shape, {**args, "recompute": recompute}, work))
     free_memory()
     legs.append(_hf_peft_leg(shape, args))
     free_memory()
