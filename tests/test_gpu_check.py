@@ -19,6 +19,7 @@ def test_gpu_check_runs_at_tiny_size(tmp_path):
     assert all(s["ok"] for s in sections.values())
     trainer = sections["trainer"]
     assert trainer["backend"] == "gloo" and trainer["factor_dtypes"] == ["torch.float32"]
+    assert trainer["random_init_skipped"]  # the base is loaded: megatron's init is not run
     assert trainer["resumed_at"] == 4 and trainer["resume_max_rel_diff"] == 0.0  # bit-exact on CPU
     assert sections["logits"]["float32"]["max_abs_diff"] <= 1e-4
     assert sections["branch"]["milora"]["bit_identical"]

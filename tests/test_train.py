@@ -269,3 +269,29 @@ def test_recompute_and_reduced_precision(setup, tmp_path):
         assert all(("loss_scale" in r) == (dtype == "fp16") for r in got)
     run = json.loads((tmp_path / "fp16" / "run.json").read_text())
     assert run["dtype"] == "float16" and run["device"] == "cpu"
+
+
+def test_tokenised_once_then_loaded_from_the_cache(setup, tmp_path, monkeypatch):
+    """The first process on a node tokenises (batched); the others load datasets' cache: a
+    second identical call runs the tokenizer on nothing."""
+    from transformers import AutoTokenizer
+
+    from milora_megatron.train.data import tokenize_examples
+
+    root, ckpt = setup
+    data = tmp_path / "fresh.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in alpaca_records(30, seed=5)))
+    tok = AutoTokenizer.from_pretrained(os.path.join(ckpt, "hf"))
+    calls = []
+    original = type(tok).__call__
+
+    def counting(self, text, *args, **kwargs):
+        calls.append(len(text) if isinstance(text, list) else 1)
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "__call__", counting)
+    first = tokenize_examples(str(data), "alpaca", tok)
+    assert calls == [30, 30]  # one batched call for the prompts, one for the responses
+    again = tokenize_examples(str(data), "alpaca", tok)
+    assert len(calls) == 2  # the cache answered
+    assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(first, again))

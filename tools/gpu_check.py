@@ -159,7 +159,8 @@ def section_trainer(work: str, tiny: bool) -> dict:
     factor_dtypes = sorted({str(p.dtype) for p in straight.params})
     state_dtypes = sorted({str(s["exp_avg"].dtype) for s in straight.optimizer.state.values()})
     result = {"backend": dist.get_backend(), "model_dtype": str(straight.dtype), "factor_dtypes": factor_dtypes,
-              "optimizer_state_dtypes": state_dtypes, "losses": losses}
+              "optimizer_state_dtypes": state_dtypes, "losses": losses,
+              "random_init_skipped": not straight.model.config.perform_initialization}
     del straight
     resumed_dir = os.path.join(work, "run_resumed")
     first = trainer(resumed_dir)
@@ -177,7 +178,7 @@ def section_trainer(work: str, tiny: bool) -> dict:
     result.update(resumed_at=resumed_at, resumed_losses=after, resume_max_rel_diff=diff)
     result["ok"] = bool(
         all(math.isfinite(x) for x in losses) and sum(losses[-3:]) < sum(losses[:3]) and factor_dtypes == ["torch.float32"]
-        and state_dtypes == ["torch.float32"] and resumed_at == steps // 2 and diff <= (1e-3 if on_gpu() else 0.0)
+        and state_dtypes == ["torch.float32"] and result["random_init_skipped"] and resumed_at == steps // 2 and diff <= (1e-3 if on_gpu() else 0.0)
         and (result["backend"] == "nccl") == on_gpu()
         and result["model_dtype"] == ("torch.bfloat16" if on_gpu() else "torch.float32"))
     return result
