@@ -81,9 +81,9 @@ def write_random_hf(folder: str, layers: int) -> None:
 def write_random_adapter(run: str, base_path: str, rank: int = 32) -> None:
     """A MiLoRA adapter checkpoint (A, B, A0, B0 random, fp32) in the run-folder format."""
     from milora_megatron.adapters import AdapterConfig
-    from milora_megatron.adapters.targets import HF_MODULE_PREFIX
     from milora_megatron.checkpoint.adapters import step_dir, write_adapter_checkpoint
     from milora_megatron.checkpoint.base import BaseCheckpoint
+    from milora_megatron.mapping import PROJECTIONS
 
     base = BaseCheckpoint(base_path)
     s = base.shape
@@ -95,7 +95,7 @@ def write_random_adapter(run: str, base_path: str, rank: int = 32) -> None:
     for i in range(s.layers):
         for t in cfg.targets:
             out_, in_ = dims[t]
-            m = f"model.layers.{i}.{HF_MODULE_PREFIX[t]}.{t}"
+            m = PROJECTIONS[t].hf_module(i)
             for name, shape in (("lora_A", (rank, in_)), ("lora_B", (out_, rank)), ("lora_A0", (rank, in_)), ("lora_B0", (out_, rank))):
                 factors[f"{m}.{name}"] = torch.randn(shape) * 0.01
     write_adapter_checkpoint(step_dir(run, 1), factors, cfg, base, step=1)

@@ -34,7 +34,9 @@ def main() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from milora_megatron.adapters import AdapterConfig, HF_TARGETS, apply_adapters
+    from milora_megatron.adapters import AdapterConfig
+    from milora_megatron.adapters.apply import apply_adapters
+    from milora_megatron.mapping import HF_TARGETS
     from milora_megatron.models.llama import LlamaShape, build_gpt, transformer_config
     from milora_megatron.train.parallel import init_distributed
 

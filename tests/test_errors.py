@@ -4,9 +4,7 @@ import pytest
 import torch
 
 from milora_megatron.adapters import AdapterConfig
-from milora_megatron.adapters.targets import layout_for
-from milora_megatron.convert.layout import col_shard, fc1_shard, qkv_shard
-from tiny import transformer_config
+from milora_megatron.mapping import layer_layouts
 
 
 def test_unknown_method_lists_the_methods():
@@ -31,20 +29,12 @@ def test_alpha_defaults_to_rank():
     assert cfg.alpha == 16 and cfg.scaling == 1.0
 
 
-def test_tp_not_dividing_query_groups():
-    cfg = transformer_config(groups=4)
-    with pytest.raises(ValueError, match=r"TP size 3 does not divide the 4 query groups"):
-        layout_for("self_attention.linear_qkv", cfg, 3, 24)
-
-
-def test_tp_not_dividing_dimensions_in_shard_helpers():
-    w = torch.zeros(10, 6)
-    with pytest.raises(ValueError, match=r"TP size 4 does not divide the output size \(10\)"):
-        from milora_megatron.convert.layout import row_shard
-        row_shard(w, 4, 0)
-    with pytest.raises(ValueError, match=r"TP size 4 does not divide the input size \(6\)"):
-        col_shard(w, 4, 0)
-    with pytest.raises(ValueError, match=r"FFN size"):
-        fc1_shard(w, w, 4, 0)
-    with pytest.raises(ValueError, match=r"query groups"):
-        qkv_shard(torch.zeros(8, 4), torch.zeros(4, 4), torch.zeros(4, 4), heads=4, groups=2, tp=4, rank=0)
+def test_tp_not_dividing_what_it_splits():
+    layouts = layer_layouts(heads=4, kv_heads=2, head_dim=2, ffn=10, hidden=6)
+    qkv, fc1 = layouts["self_attention.linear_qkv"], layouts["mlp.linear_fc1"]
+    with pytest.raises(ValueError, match=r"TP size 4 does not divide the 2 query groups"):
+        qkv.local(4)
+    with pytest.raises(ValueError, match=r"TP size 4 does not divide the 10 rows of gate_proj"):
+        fc1.shard(torch.zeros(20, 6), 4, 0)
+    with pytest.raises(ValueError, match=r"TP size 4 does not divide the 10 input columns"):
+        layouts["mlp.linear_fc2"].shard(torch.zeros(6, 10), 4, 0)

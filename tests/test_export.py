@@ -16,7 +16,8 @@ TOL = 1e-4
 def _train_worker(ckpt, run_root, tokens):
     from megatron.core import parallel_state as ps
 
-    from milora_megatron.adapters import AdapterConfig, apply_adapters
+    from milora_megatron.adapters import AdapterConfig
+    from milora_megatron.adapters.apply import apply_adapters
     from milora_megatron.checkpoint.adapters import save_adapter_checkpoint, step_dir
     from milora_megatron.checkpoint.base import BaseCheckpoint
     from milora_megatron.models.llama import build_gpt, gather_logits, transformer_config

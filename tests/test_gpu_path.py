@@ -75,7 +75,9 @@ def test_config_refuses_what_cannot_run(override, message):
 def _bf16_masters_worker():
     from megatron.core import parallel_state as ps
 
-    from milora_megatron.adapters import AdapterConfig, adapters_disabled, apply_adapters
+    from milora_megatron.adapters import AdapterConfig
+    from milora_megatron.adapters.apply import apply_adapters
+    from milora_megatron.adapters.layer import adapters_disabled
     from milora_megatron.train.gradients import clip_, global_grad_norm
 
     tp, group = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()

@@ -13,7 +13,9 @@ RANK = 4
 def _model_worker(methods, residuals):
     from megatron.core import parallel_state as ps
 
-    from milora_megatron.adapters import AdapterConfig, adapters_disabled, apply_adapters
+    from milora_megatron.adapters import AdapterConfig
+    from milora_megatron.adapters.apply import apply_adapters
+    from milora_megatron.adapters.layer import adapters_disabled
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()

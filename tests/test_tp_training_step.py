@@ -16,9 +16,7 @@ def _step_worker(method, sp):
     from milora_megatron.adapters import AdapterConfig
     from milora_megatron.adapters.apply import AdaptedTarget, initialise_adapters
     from milora_megatron.adapters.layer import adapt_in_place
-    from milora_megatron.adapters.targets import layout_for
-    from milora_megatron.convert.layout import col_shard, fc1_shard, qkv_shard
-    from tiny import transformer_config
+    from tiny import layouts, shard, transformer_config
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     group = ps.get_tensor_model_parallel_group()
@@ -35,23 +33,17 @@ def _step_worker(method, sp):
     fc2 = RowParallelLinear(cfg.ffn_hidden_size, HIDDEN, input_is_parallel=True, skip_bias_add=True, **common)
     # "proj" here reads the whole fused qkv output so that both kinds of layer are chained.
     proj_full = torch.cat([w["o_proj"], w["o_proj"][:, : qkv_out - w["o_proj"].shape[1]]], dim=1)
-    heads, groups = cfg.num_attention_heads, cfg.num_query_groups
+    layer = layouts()
     with torch.no_grad():
-        qkv.weight.copy_(qkv_shard(w["q_proj"], w["k_proj"], w["v_proj"], heads, groups, tp, rank))
-        proj.weight.copy_(col_shard(proj_full, tp, rank))
-        fc1.weight.copy_(fc1_shard(w["gate_proj"], w["up_proj"], tp, rank))
-        fc2.weight.copy_(col_shard(w["down_proj"], tp, rank))
+        for module, path in ((qkv, "self_attention.linear_qkv"), (proj, "self_attention.linear_proj"),
+                             (fc1, "mlp.linear_fc1"), (fc2, "mlp.linear_fc2")):
+            module.weight.copy_(shard(layer[path], {**w, "o_proj": proj_full}, tp, rank))
     targets = []
-    for module, path, names in (
-        (qkv, "self_attention.linear_qkv", ["q_proj", "k_proj", "v_proj"]),
-        (proj, "self_attention.linear_proj", ["o_proj"]),
-        (fc1, "mlp.linear_fc1", ["gate_proj", "up_proj"]),
-        (fc2, "mlp.linear_fc2", ["down_proj"]),
-    ):
-        layout = layout_for(path, cfg, tp, module.weight.shape[0])
+    for module, path in ((qkv, "self_attention.linear_qkv"), (proj, "self_attention.linear_proj"),
+                         (fc1, "mlp.linear_fc1"), (fc2, "mlp.linear_fc2")):
+        layout = layer[path].local(tp)
         adapt_in_place(module, layout, dropout=0.0)
-        shard_dim = 0 if isinstance(module, ColumnParallelLinear) else 1
-        targets += [AdaptedTarget(f"block.{n}", n, module, layout, shard_dim) for n in names]
+        targets += [AdaptedTarget(f"block.{n}", n, module, layout) for n, _ in layout.pieces]
     # alpha != rank so the scaling is exercised; milora's B0/A0 branch is on.
     initialise_adapters(targets, AdapterConfig(method=method, rank=4, alpha=8, targets=["q_proj"]), group)
     for m in (qkv, proj, fc1, fc2):

@@ -41,11 +41,23 @@ def transformer_config(tp: int = 1, pp: int = 1, sp: bool = False, dtype=torch.f
                            ffn=s["ffn"], vocab=s["vocab"]), tp=tp, pp=pp, sp=sp, dtype=dtype)
 
 
+def layouts():
+    """The tiny shape's decoder-layer layouts (global), from the package's mapping."""
+    from milora_megatron.mapping import layer_layouts
+
+    hd = SHAPE["hidden"] // SHAPE["heads"]
+    return layer_layouts(SHAPE["heads"], SHAPE["groups"], hd, SHAPE["ffn"], SHAPE["hidden"])
+
+
+def shard(layout, weights: dict[str, torch.Tensor], tp: int, rank: int) -> torch.Tensor:
+    """This TP rank's shard of the fused weight built from HF matrices ``weights``."""
+    return layout.shard(layout.fuse({p: weights[p] for p, _ in layout.pieces}), tp, rank)
+
+
 def build_gpt(weights, tp: int, sp: bool = False, pp: int = 1, dtype=torch.float32):
     """A GPTModel (local spec) on this rank with ``weights`` loaded into its TP shards."""
     from megatron.core import parallel_state as ps
 
-    from milora_megatron.convert.layout import col_shard, fc1_shard, qkv_shard
     from milora_megatron.models.llama import LlamaShape
     from milora_megatron.models.llama import build_gpt as build
 
@@ -57,11 +69,8 @@ def build_gpt(weights, tp: int, sp: bool = False, pp: int = 1, dtype=torch.float
     with torch.no_grad():
         for layer in model.decoder.layers:
             w = weights[layer.layer_number - 1]
-            att, mlp = layer.self_attention, layer.mlp
-            att.linear_qkv.weight.copy_(qkv_shard(w["q_proj"], w["k_proj"], w["v_proj"], cfg.num_attention_heads, cfg.num_query_groups, tp, rank))
-            att.linear_proj.weight.copy_(col_shard(w["o_proj"], tp, rank))
-            mlp.linear_fc1.weight.copy_(fc1_shard(w["gate_proj"], w["up_proj"], tp, rank))
-            mlp.linear_fc2.weight.copy_(col_shard(w["down_proj"], tp, rank))
+            for path, layout in layouts().items():
+                layer.get_submodule(path).weight.copy_(shard(layout, w, tp, rank))
     return model
 
 

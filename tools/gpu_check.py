@@ -42,8 +42,9 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import torch  # noqa: E402
 
+from milora_megatron.mapping import PAPER_TARGETS  # noqa: E402
+
 SECTIONS = ("trainer", "logits", "branch", "sdpa", "init", "throughput")
-PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
 class Report:
@@ -226,7 +227,8 @@ def section_logits(work: str, tiny: bool) -> dict:
 
 
 def section_branch(work: str, tiny: bool) -> dict:
-    from milora_megatron.adapters import AdapterConfig, apply_adapters
+    from milora_megatron.adapters import AdapterConfig
+    from milora_megatron.adapters.apply import apply_adapters
 
     _, ckpt = tiny_llama(work)
     result = {"ok": True}
@@ -234,7 +236,7 @@ def section_branch(work: str, tiny: bool) -> dict:
         model, device = _megatron_model(ckpt, torch.bfloat16)
         tokens = torch.randint(0, model.llama_shape.vocab, (2, 48), generator=torch.Generator().manual_seed(2)).to(device)
         before = _megatron_logits(model, tokens)
-        apply_adapters(model, AdapterConfig(method=method, rank=8, residual="branch", targets=PAPER_TARGETS))
+        apply_adapters(model, AdapterConfig(method=method, rank=8, residual="branch", targets=list(PAPER_TARGETS)))
         after = _megatron_logits(model, tokens)
         result[method] = {"bit_identical": torch.equal(before, after), "max_abs_diff": (after - before).abs().max().item()}
         result["ok"] &= result[method]["bit_identical"]
@@ -364,7 +366,7 @@ def section_throughput(work: str, tiny: bool) -> dict:
 
     dims = dict(SMALL, layers=2, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=512) if tiny else dict(LLAMA3_8B)
     shape = LlamaShape(**dims)
-    args = {"rank": 8 if tiny else 32, "targets": PAPER_TARGETS, "dropout": 0.05, "residual": "branch",
+    args = {"rank": 8 if tiny else 32, "targets": list(PAPER_TARGETS), "dropout": 0.05, "residual": "branch",
             "seq_len": 64 if tiny else 2048, "global_batch": 4 if tiny else 16, "micro_batch": 2,
             "tp": 1, "pp": 1, "sp": False, "steps": 2 if tiny else 3, "warmup_steps": 1 if tiny else 2}
     legs = []

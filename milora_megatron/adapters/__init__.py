@@ -1,19 +1,12 @@
-"""Low-rank adapters for megatron-core's tensor-parallel linears (LoRA, PiSSA, MiLoRA, MiCA)."""
+"""Low-rank adapters for megatron-core's tensor-parallel linears (LoRA, PiSSA, MiLoRA, MiCA).
 
-from .apply import AdaptedTarget, apply_adapters
-from .config import HF_TARGETS, PAPER_TARGETS, AdapterConfig
-from .layer import AdaptedColumnParallelLinear, AdaptedRowParallelLinear, adapters_disabled
+This package imports without megatron-core: its config and the method registry are here.
+The megatron-bound modules are imported explicitly where they are used:
+``adapters.apply`` (apply_adapters, AdaptedTarget) and ``adapters.layer`` (the adapted
+linears, adapters_disabled).
+"""
+
+from .config import AdapterConfig
 from .variants import available, get_variant
 
-__all__ = [
-    "AdaptedColumnParallelLinear",
-    "AdaptedRowParallelLinear",
-    "AdaptedTarget",
-    "AdapterConfig",
-    "HF_TARGETS",
-    "PAPER_TARGETS",
-    "adapters_disabled",
-    "apply_adapters",
-    "available",
-    "get_variant",
-]
+__all__ = ["AdapterConfig", "available", "get_variant"]

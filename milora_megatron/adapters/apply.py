@@ -3,18 +3,15 @@ initialise every adapter with its method (one batched, distributed subspace pass
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
+from ..mapping import PROJECTIONS, FusedLayout, layer_layouts
 from ..subspace import ShardedWeight, check_rank, extract_subspaces, full_shape
 from .config import AdapterConfig
 from .layer import TargetAdapter, adapt_in_place
-from .targets import HF_MODULE_PREFIX, MODULE_OF_TARGET, Layout, layout_for
 from .variants import InitContext, get_variant
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,8 +19,11 @@ class AdaptedTarget:
     name: str  # HF module name, e.g. "model.layers.3.self_attn.q_proj"
     target: str  # "q_proj"
     module: torch.nn.Module  # the adapted megatron linear holding it
-    layout: Layout
-    shard_dim: int
+    layout: FusedLayout  # the module's layout on this rank
+
+    @property
+    def shard_dim(self) -> int:
+        return self.layout.shard_dim
 
     def local_weight(self) -> torch.Tensor:
         view = self.layout.view(self.module.weight, self.target)
@@ -55,16 +55,20 @@ def find_targets(model_chunks, cfg: AdapterConfig, tp_size: int) -> list[Adapted
     found = []
     for layer in _transformer_layers(model_chunks):
         index = layer.layer_number - 1  # megatron's layer_number is global and 1-based
+        c = layer.config
+        if "gate_proj" in cfg.targets and not c.gated_linear_unit:
+            raise ValueError("gate_proj is a target but the model's MLP is not gated (no SwiGLU)")
+        layouts = layer_layouts(c.num_attention_heads, c.num_query_groups or c.num_attention_heads, c.kv_channels,
+                                c.ffn_hidden_size, c.hidden_size, c.gated_linear_unit)
         for target in cfg.targets:
-            path, shard_dim = MODULE_OF_TARGET[target]
-            module = layer.get_submodule(path)
-            local_out = module.weight.shape[0]
-            if target == "gate_proj" and not layer.config.gated_linear_unit:
-                raise ValueError("gate_proj is a target but the model's MLP is not gated (no SwiGLU)")
-            layout = layout_for(path, layer.config, tp_size, local_out)
+            proj = PROJECTIONS[target]
+            module = layer.get_submodule(proj.megatron_module)
+            layout = layouts[proj.megatron_module].local(tp_size)
+            if layout.rows != module.weight.shape[0]:
+                raise ValueError(f"{proj.megatron_module} holds {module.weight.shape[0]} rows on this rank, "
+                                 f"its layout {layout.rows}: the model does not match its config")
             adapt_in_place(module, layout, cfg.dropout)
-            name = f"model.layers.{index}.{HF_MODULE_PREFIX[target]}.{target}"
-            found.append(AdaptedTarget(name, target, module, layout, shard_dim))
+            found.append(AdaptedTarget(proj.hf_module(index), target, module, layout))
     if not found:
         raise ValueError("no target projections found in the model (is this a megatron GPTModel stage?)")
     return found
@@ -121,10 +125,10 @@ def adapt_linear(module, target: str, cfg: AdapterConfig, tp_group=None, name: s
     """
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
-    layout = Layout(1, ((target, module.weight.shape[0]),))
-    adapt_in_place(module, layout, cfg.dropout)
     shard_dim = 0 if isinstance(module, ColumnParallelLinear) else 1
-    adapted = AdaptedTarget(name or target, target, module, layout, shard_dim)
+    layout = FusedLayout(1, ((target, module.weight.shape[0]),), shard_dim=shard_dim)
+    adapt_in_place(module, layout, cfg.dropout)
+    adapted = AdaptedTarget(name or target, target, module, layout)
     initialise_adapters([adapted], cfg, tp_group)
     return adapted
 

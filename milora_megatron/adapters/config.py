@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+from ..mapping import HF_TARGETS, PAPER_TARGETS
+
 # The papers' alpha / rank: 2 for plain LoRA, 1 for the SVD-initialised methods (MiLoRA paper).
 PAPER_ALPHA_PER_RANK = {"lora": 2.0, "pissa": 1.0, "milora": 1.0, "mica": 1.0}
 

@@ -13,7 +13,8 @@ and output reduction, and the base weight keeps its name and checkpoint sharding
   collective; dB is a partial sum over ranks and is all-reduced (out x r) in backward.
 
 Per-target adapters on fused linears (q/k/v in ``linear_qkv``, gate/up in ``linear_fc1``)
-share one input projection (their A's stacked) and are interleaved back by a ``Layout``.
+share one input projection (their A's stacked) and are interleaved back by their
+``mapping.FusedLayout``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from megatron.core.tensor_parallel import (
     set_tensor_model_parallel_attributes,
 )
 
-from .targets import Layout
+from ..mapping import FusedLayout
 
 
 class TargetAdapter(torch.nn.Module):
@@ -71,10 +72,10 @@ class TargetAdapter(torch.nn.Module):
 class _AdapterHost:
     """Adapter state and the delta computation, shared by the two parallel linears."""
 
-    adapter_layout: Layout
+    adapter_layout: FusedLayout
     adapter_shard_dim: int
 
-    def _init_adapter_host(self, layout: Layout, shard_dim: int, dropout: float) -> None:
+    def _init_adapter_host(self, layout: FusedLayout, shard_dim: int, dropout: float) -> None:
         self.adapter_layout = layout
         self.adapter_shard_dim = shard_dim
         self.adapter_dropout = dropout
@@ -157,7 +158,7 @@ class AdaptedRowParallelLinear(_AdapterHost, RowParallelLinear):
     pass
 
 
-def adapt_in_place(module, layout: Layout, dropout: float):
+def adapt_in_place(module, layout: FusedLayout, dropout: float):
     """Turn an existing megatron linear into its adapted subclass without copying its weight."""
     if type(module) is ColumnParallelLinear:
         module.__class__ = AdaptedColumnParallelLinear
@@ -172,6 +173,8 @@ def adapt_in_place(module, layout: Layout, dropout: float):
             f"cannot adapt {type(module).__name__}: only megatron-core's ColumnParallelLinear and "
             "RowParallelLinear (the local spec) are supported"
         )
+    if layout.shard_dim != shard_dim:
+        raise ValueError(f"{type(module).__name__} is split on dim {shard_dim}, its layout says {layout.shard_dim}")
     module._init_adapter_host(layout, shard_dim, dropout)
     return module
 

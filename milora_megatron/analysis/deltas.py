@@ -19,20 +19,15 @@ import torch
 from safetensors import safe_open
 
 from ..convert.hf_folder import HFFolder
-from ..convert.llama_mapping import HF_LAYER_NAMES
+from ..mapping import HF_TARGETS, PROJECTIONS
 from .spectrum import INIT_SUBSPACE, SVD, analyze_pair, lowrank_svd64, matched_init, svd64
-
-# HF Llama's linear projections in layer order, and the submodule holding each ("self_attn.q_proj").
-# From the converter's mapping rather than adapters.targets, which would import megatron-core.
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MODULE_PREFIX = {n.split(".")[1]: n.split(".")[0] for n in HF_LAYER_NAMES if n.endswith("_proj.weight")}
 EXPORT_INFO = "milora_export.json"  # written by our exporter next to adapter_config.json
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)"
                   r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 
 def weight_name(layer: int, target: str) -> str:
-    return f"model.layers.{layer}.{MODULE_PREFIX[target]}.{target}.weight"
+    return f"{PROJECTIONS[target].hf_module(layer)}.weight"
 
 
 @dataclass
@@ -78,7 +73,7 @@ class PeftAdapter:
         with safe_open(self.file, framework="pt") as f:
             for key in f.keys():
                 m = _KEY.match(key)
-                if m and m.group(2) in MODULE_PREFIX:
+                if m and m.group(2) in PROJECTIONS:
                     self.keys.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = key
         incomplete = [k for k, v in self.keys.items() if len(v) != 2]
         if incomplete:
@@ -167,7 +162,7 @@ def summarise(entries: list[dict]) -> dict:
         flats = [_flat(e) for e in group]
         return {k: _mean(f[k] for f in flats) for k in SUMMARY_KEYS}
 
-    targets = sorted({e["target"] for e in entries}, key=TARGETS.index)
+    targets = sorted({e["target"] for e in entries}, key=HF_TARGETS.index)
     layers = sorted({e["layer"] for e in entries})
     return {
         "all": means(entries),
@@ -199,20 +194,20 @@ def spectrum_report(base_dir: str, adapter_dir: str | None = None, merged_dir: s
         method = method or source.method
         rank_source = "argument" if rank else ("milora_export.json" if source.export_info else "adapter_config.json")
         rank = rank or source.trained_rank
-        default_targets = sorted({t for _, t in source.keys}, key=TARGETS.index)
+        default_targets = sorted({t for _, t in source.keys}, key=HF_TARGETS.index)
         default_layers = sorted({i for i, _ in source.keys})
     else:
         if not rank:
             raise ValueError("a merged folder does not record the adapter's rank: give rank (--rank)")
         source = MergedModel(merged_dir)
         method_source, rank_source = ("argument" if method else "unknown"), "argument"
-        default_targets, default_layers = list(TARGETS), list(range(num_layers))
+        default_targets, default_layers = list(HF_TARGETS), list(range(num_layers))
     if method is not None and method not in INIT_SUBSPACE:
         raise ValueError(f"unknown method {method!r}; known: {sorted(INIT_SUBSPACE)}")
     targets = list(targets or default_targets)
-    bad = [t for t in targets if t not in TARGETS]
+    bad = [t for t in targets if t not in HF_TARGETS]
     if bad:
-        raise ValueError(f"unknown target(s) {bad}; known: {list(TARGETS)}")
+        raise ValueError(f"unknown target(s) {bad}; known: {list(HF_TARGETS)}")
     layers = list(layers if layers is not None else default_layers)
     bad_layers = [i for i in layers if not 0 <= i < num_layers]
     if bad_layers:
@@ -237,7 +232,7 @@ def spectrum_report(base_dir: str, adapter_dir: str | None = None, merged_dir: s
                                  f"base weight {tuple(w.shape)}: adapter and base do not match")
             w_svd = svd64(w)
             entry = {"layer": layer, "target": target}
-            entry.update(analyze_pair(w, dw_svd, rank, method, w_svd=w_svd, seed=layer * 100 + TARGETS.index(target)))
+            entry.update(analyze_pair(w, dw_svd, rank, method, w_svd=w_svd, seed=layer * 100 + HF_TARGETS.index(target)))
             if isinstance(delta, Factored) and delta.initial_cols:
                 init = delta.initial_svd()
                 entry["init_update_sigma"] = init.s[:rank].tolist()

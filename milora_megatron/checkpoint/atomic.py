@@ -1,5 +1,6 @@
 """Crash-safe writes: everything is written under ``<final>.partial`` and renamed into place,
-so a reader sees either no checkpoint or a complete one."""
+so a reader sees either no checkpoint or a complete one; and the checks that read files
+back (checksums, safetensors headers)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -86,3 +88,23 @@ def sha256_file(path: str, chunk: int = 1 << 23) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def safetensors_header(path: str) -> dict:
+    """The JSON header of a safetensors file; raises ValueError naming the file if it is cut short."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"truncated safetensors file {path}: {size} bytes, no header")
+        (n,) = struct.unpack("<Q", raw)
+        if 8 + n > size:
+            raise ValueError(f"truncated safetensors file {path}: header needs {8 + n} bytes, file has {size}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as exc:
+            raise ValueError(f"corrupt safetensors header in {path}: {exc}") from exc
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"truncated safetensors file {path}: {size} bytes, its header needs {8 + n + end}")
+    return header

@@ -23,10 +23,9 @@ import os
 import torch
 from safetensors import safe_open
 
-from ..convert.hf_folder import safetensors_header
-from ..convert.llama_mapping import EMBEDDING, LM_HEAD, tp_slices
+from ..mapping.llama import EMBEDDING, LM_HEAD, layout_of
 from ..models.llama import LlamaShape, padded_vocab
-from .atomic import PARTIAL_SUFFIX, sha256_file
+from .atomic import PARTIAL_SUFFIX, safetensors_header, sha256_file
 
 MANIFEST = "milora_base.json"
 FORMAT = "milora-megatron-base"
@@ -62,6 +61,7 @@ class BaseCheckpoint:
         if self.manifest.get("version") != VERSION:
             raise ValueError(f"{manifest} has format version {self.manifest.get('version')}; this code reads {VERSION}")
         self.shape = LlamaShape.from_hf_config(self.manifest["hf_config"])
+        self.layouts = self.shape.layer_layouts()
         self.weight_map: dict[str, str] = self.manifest["weight_map"]
         self.fingerprint = sha256_file(manifest)
         self.check_files(checksums=False)
@@ -69,10 +69,6 @@ class BaseCheckpoint:
     @property
     def hf_side_dir(self) -> str:
         return os.path.join(self.path, HF_SIDE_DIR)
-
-    @property
-    def default_parallel(self) -> tuple[int, int]:
-        return self.manifest["parallel"]["tp"], self.manifest["parallel"]["pp"]
 
     def check_files(self, checksums: bool = False, files=None) -> None:
         """Every file present and complete; with ``checksums`` also bit-identical to when written."""
@@ -141,7 +137,10 @@ class BaseCheckpoint:
             if stop > start:
                 out[: stop - start] = sliced[start:stop]
             return out
-        parts = [sliced[idx] for idx in tp_slices(name, tuple(sliced.get_shape()), tp_size, tp_rank)]
+        layout = layout_of(name, self.layouts)
+        shape = tuple(sliced.get_shape())
+        index = [(slice(None),)] if layout is None else layout.shard_index(shape, tp_size, tp_rank)  # norms: whole
+        parts = [sliced[idx] for idx in index]
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         if tuple(out.shape) != local_shape:
             raise ValueError(f"{name}: checkpoint slice {tuple(out.shape)} does not match the model's {local_shape}")

@@ -19,7 +19,7 @@ from ..checkpoint.adapters import AdapterCheckpoint
 from ..checkpoint.atomic import atomic_directory
 from ..checkpoint.base import DTYPES, BaseCheckpoint, is_base_checkpoint
 from .hf_folder import INDEX_NAME
-from .llama_mapping import EMBEDDING, FINAL_NORM, LM_HEAD, hf_layer_prefix, megatron_to_hf_layer
+from ..mapping.llama import EMBEDDING, FINAL_NORM, LM_HEAD, hf_layer_prefix, megatron_to_hf_layer
 
 
 def open_checkpoint(path: str, verify: bool = True) -> tuple[BaseCheckpoint, AdapterCheckpoint | None]:
@@ -101,8 +101,9 @@ def export_merged(path: str, out: str, dtype: str | None = None, max_shard_bytes
                    disable=not progress)
         emit(EMBEDDING[0], base.tensor(EMBEDDING[1]))
         bar.update()
+        layouts = shape.layer_layouts()
         for i in range(shape.layers):
-            hf = megatron_to_hf_layer(base.layer_tensors(i), shape.heads, shape.kv_heads, shape.kv_channels)
+            hf = megatron_to_hf_layer(base.layer_tensors(i), layouts)
             factors = adapter.tensors(prefix=hf_layer_prefix(i)) if adapter is not None else {}
             for name in list(hf):  # pop: each tensor is released once written
                 full = hf_layer_prefix(i) + name

@@ -9,35 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 
 import torch
 from safetensors import safe_open
+
+from ..checkpoint.atomic import safetensors_header
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 INDEX_NAME = "model.safetensors.index.json"
 # Tensors some HF Llama checkpoints carry that are derived, not learned.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def safetensors_header(path: str) -> dict:
-    """The JSON header of a safetensors file; raises ValueError naming the file if it is cut short."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ValueError(f"truncated safetensors file {path}: {size} bytes, no header")
-        (n,) = struct.unpack("<Q", raw)
-        if 8 + n > size:
-            raise ValueError(f"truncated safetensors file {path}: header needs {8 + n} bytes, file has {size}")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as exc:
-            raise ValueError(f"corrupt safetensors header in {path}: {exc}") from exc
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise ValueError(f"truncated safetensors file {path}: {size} bytes, its header needs {8 + n + end}")
-    return header
 
 
 class HFFolder:

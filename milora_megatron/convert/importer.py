@@ -16,7 +16,7 @@ from ..checkpoint import base as fmt
 from ..checkpoint.atomic import atomic_directory, sha256_file
 from ..models.llama import LlamaShape
 from .hf_folder import HFFolder
-from .llama_mapping import (
+from ..mapping.llama import (
     EMBEDDING,
     FINAL_NORM,
     HF_LAYER_NAMES,
@@ -81,9 +81,10 @@ def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtyp
                      disable=not progress)
         write(tmp, "embedding.safetensors", {EMBEDDING[1]: hf.tensor(EMBEDDING[0])})
         units.update()
+        layouts = shape.layer_layouts()
         for i in range(shape.layers):
             layer = {n: hf.tensor(hf_layer_prefix(i) + n) for n in HF_LAYER_NAMES}
-            meg = hf_to_megatron_layer(layer, shape.heads, shape.kv_heads)
+            meg = hf_to_megatron_layer(layer, layouts)
             del layer
             write(tmp, fmt.layer_file(i), {megatron_layer_prefix(i) + k: v for k, v in meg.items()})
             del meg

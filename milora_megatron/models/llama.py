@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..mapping.llama import layer_layouts
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 VOCAB_PAD_MULTIPLE = 128
@@ -67,6 +69,10 @@ class LlamaShape:
             rope_scaling=rope if rope_type == "llama3" else None, rms_eps=cfg.get("rms_norm_eps", 1e-5),
             tied=bool(cfg.get("tie_word_embeddings", False)), hf_config=dict(cfg),
         )
+
+    def layer_layouts(self) -> dict:
+        """Each decoder-layer linear's fused layout (mapping.llama.layer_layouts)."""
+        return layer_layouts(self.heads, self.kv_heads, self.kv_channels, self.ffn, self.hidden)
 
     def check_parallel(self, tp: int, pp: int) -> None:
         for n, what in ((self.heads, "attention heads"), (self.kv_heads, "KV heads (query groups)"),

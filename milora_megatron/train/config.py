@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from ..adapters.config import PAPER_TARGETS
+from ..mapping import PAPER_TARGETS
 from ..device import DEVICES, DTYPES
 from ..models.llama import RECOMPUTE
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..adapters import AdaptedTarget, apply_adapters
+from ..adapters.apply import AdaptedTarget, apply_adapters
 from ..checkpoint.adapters import AdapterCheckpoint, save_adapter_checkpoint, scatter_factors, step_dir
 from ..checkpoint.atomic import write_json_atomic
 from ..checkpoint.base import BaseCheckpoint

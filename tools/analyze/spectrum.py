@@ -30,7 +30,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from milora_megatron.analysis.deltas import TARGETS  # noqa: E402  (torch + safetensors only)
+from milora_megatron.mapping import HF_TARGETS as TARGETS  # noqa: E402  (torch only)
 
 
 def _fmt(x, width=8, digits=3):
