@@ -46,11 +46,11 @@ def main() -> int:
     from milora_megatron.models.tiny_hf import make_hf_llama, make_tokenizer
 
     texts = [line for line in open(os.path.join(DATA, "instructions.jsonl"))] + [open(os.path.join(DATA, "general.txt")).read()]
-    from milora_megatron.train.data import _PREAMBLE, _PREAMBLE_INPUT
+    from milora_megatron.data import PREAMBLE, PREAMBLE_INPUT, instruction_prompt
 
     make_hf_llama(hf, tied=False, seed=0, layers=4, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=1024,
                   max_shard_size="2MB")
-    make_tokenizer(hf, texts + [_PREAMBLE, _PREAMBLE_INPUT] * 20, vocab=1024)
+    make_tokenizer(hf, texts + [PREAMBLE, PREAMBLE_INPUT] * 20, vocab=1024)
 
     py = sys.executable
     step("2. HF -> megatron (TP=2)", [py, os.path.join(ROOT, "tools/convert/hf_to_megatron.py"), "--hf-dir", hf,
@@ -73,7 +73,7 @@ def main() -> int:
 
     tok = AutoTokenizer.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
-    prompt = f"{_PREAMBLE}### Instruction:\nWhat is 12 plus 7?\n\n### Response:\n"
+    prompt = instruction_prompt("What is 12 plus 7?")
     ids = tok(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)

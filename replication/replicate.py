@@ -55,7 +55,7 @@ def sh(cmd: list[str], logfile: str) -> None:
 def prepare(args, work: str) -> dict:
     """Corpus, tokenizer + pre-trained base model, task data, converted checkpoint."""
     from milora_megatron.models.tiny_hf import make_tokenizer
-    from milora_megatron.train.data import _PREAMBLE
+    from milora_megatron.data import PREAMBLE
 
     from replication.pretrain import pretrain
 
@@ -76,7 +76,7 @@ def prepare(args, work: str) -> dict:
     if not os.path.exists(pre_path):
         log(f"2. pre-training a small Llama {SHAPE} for {args.pretrain_steps} steps")
         texts = open(train_txt, encoding="utf-8").read().splitlines()
-        make_tokenizer(paths["hf"], texts + [_PREAMBLE] * 50, vocab=SHAPE["vocab"])
+        make_tokenizer(paths["hf"], texts + [PREAMBLE] * 50, vocab=SHAPE["vocab"])
         pretrain(paths["hf"], train_txt, held_txt, steps=args.pretrain_steps, batch=16, seq_len=256, lr=2e-3,
                  seed=0, shape=SHAPE, log=lambda m: log("   " + m))
     pre = json.load(open(pre_path))

@@ -263,7 +263,7 @@ def _direct_ce(p_model, q_model, windows):
 def test_forgetting_of_base_against_itself_is_its_entropy(tiny):
     from transformers import AutoModelForCausalLM
 
-    from milora_megatron.train.data import text_samples
+    from milora_megatron.data import text_samples
 
     pair = load_pair(tiny["base"])
     got = general_text_metrics(pair, tiny["general"], seq_len=16, batch_size=3, max_windows=5, progress=False)
@@ -280,7 +280,7 @@ def test_forgetting_of_base_against_itself_is_its_entropy(tiny):
 def test_forgetting_of_an_adapter_rises_and_matches_merged(tiny, adapter_pair):
     from transformers import AutoModelForCausalLM
 
-    from milora_megatron.train.data import text_samples
+    from milora_megatron.data import text_samples
 
     got = general_text_metrics(adapter_pair, tiny["general"], seq_len=16, batch_size=3, max_windows=5, progress=False)
     windows, _ = text_samples(tiny["general"], adapter_pair.tokenizer, 16, 5)
@@ -300,12 +300,12 @@ def test_forgetting_of_an_adapter_rises_and_matches_merged(tiny, adapter_pair):
 def test_task_loss_and_exact_match_on_a_hand_case(tiny, adapter_pair):
     """References = the fine-tuned model's own greedy output (unbatched, unpadded) for record 1
     and a wrong one for record 2: the batched, left-padded evaluation must score 1 of 2."""
-    from milora_megatron.train.data import TEMPLATES, tokenize_examples
+    from milora_megatron.data import TEMPLATES, tokenize_examples
 
     tok = adapter_pair.tokenizer
     records = [{"instruction": "What is 12 plus 7?", "output": "placeholder"},  # the shorter prompt: left-padded
                {"instruction": "Add the two numbers.", "input": "3 and 4", "output": "placeholder"}]
-    prompt = TEMPLATES["alpaca"][2](records[0])[0]
+    prompt = TEMPLATES["alpaca"].format(records[0])[0]
     ids = tok(prompt, return_tensors="pt")
     with adapter_pair.use("finetuned") as m, torch.no_grad():
         out = m.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)

@@ -176,7 +176,7 @@ def test_zero_iterations_saves_initial_adapters(setup, tmp_path):
 def test_loss_mask_covers_the_response_only(setup):
     from transformers import AutoTokenizer
 
-    from milora_megatron.train.data import tokenize_examples
+    from milora_megatron.data import tokenize_examples
 
     root, ckpt = setup
     tok = AutoTokenizer.from_pretrained(os.path.join(ckpt, "hf"))
@@ -192,7 +192,7 @@ def test_loss_mask_covers_the_response_only(setup):
 def test_missing_template_field_names_file_and_line(setup, tmp_path):
     from transformers import AutoTokenizer
 
-    from milora_megatron.train.data import tokenize_examples
+    from milora_megatron.data import tokenize_examples
 
     _, ckpt = setup
     bad = tmp_path / "bad.jsonl"
@@ -276,7 +276,7 @@ def test_tokenised_once_then_loaded_from_the_cache(setup, tmp_path, monkeypatch)
     second identical call runs the tokenizer on nothing."""
     from transformers import AutoTokenizer
 
-    from milora_megatron.train.data import tokenize_examples
+    from milora_megatron.data import tokenize_examples
 
     root, ckpt = setup
     data = tmp_path / "fresh.jsonl"

@@ -7,12 +7,12 @@ It equals the base model's entropy when nothing changed, so the KL part
 ``forgetting_loss - base_entropy = KL(p_base || p_ft)`` is reported too.
 
 General text is read exactly as the trainer reads its forgetting data
-(``train.data.text_samples``): each line of the .txt is tokenized without special tokens,
+(``data.text_samples``): each line of the .txt is tokenized without special tokens,
 the lines are concatenated, cut into windows of seq_len + 1 tokens (the remainder dropped),
 and each window scores its seq_len next-token predictions. The in-training
 ``forgetting_loss`` in metrics.jsonl is therefore the same quantity.
 
-Task evaluation uses the project's templates (``train.data.TEMPLATES``): response-token
+Task evaluation uses the project's templates (``data.TEMPLATES``): response-token
 cross-entropy (EOS included, as trained) and greedy-generation exact match.
 """
 
@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from ..train.data import TEMPLATES, load_records, text_samples, tokenize_examples
+from ..data import TEMPLATES, load_records, text_samples, tokenize_examples
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SECTION = "\n\n### "  # the templates' section separator: a generation that reaches it has ended
@@ -221,7 +221,7 @@ def task_accuracy(pair: ModelPair, which: str, task_path: str, template: str, ma
                   batch_size: int = 4, answer_extractor: str | Callable = "exact", max_examples: int | None = None,
                   progress: bool = True) -> dict:
     """Exact-match accuracy of greedy generations against the reference responses."""
-    fmt = TEMPLATES[template][2]
+    fmt = TEMPLATES[template].format
     records = load_records(task_path)
     count = len(records) if max_examples is None else min(max_examples, len(records))
     pairs = [fmt(records[i]) for i in range(count)]

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..adapters.layer import adapters_disabled, set_adapters_enabled
-from .data import Batch, micro_batches
+from .batches import Batch, micro_batches
 from .parallel import ParallelGroups
 from .pipeline import forward, masked_loss_step, run_schedule, scored_tokens, sums_from_last_stage
 

@@ -29,7 +29,8 @@ from ..checkpoint.atomic import write_json_atomic
 from ..checkpoint.base import BaseCheckpoint
 from ..device import all_reduce_scalars, resolve_device, resolve_dtype
 from ..models.llama import build_gpt, transformer_config
-from . import data as D
+from ..data import text_samples, to_samples, tokenize_examples
+from .batches import SampleOrder, micro_batches
 from .config import RunConfig
 from .evaluation import eval_micro_batches, forgetting_loss, validation_loss
 from .gradients import LossScale, clip_, global_grad_norm, reduce_over_data_parallel, unscale_
@@ -66,7 +67,7 @@ def load_data(cfg: RunConfig, base: BaseCheckpoint) -> Data:
     t, d = cfg.train, cfg.data
 
     def samples(path):
-        tokens, masks = D.to_samples(D.tokenize_examples(path, d.template, tok), t.seq_len, pad, d.pack)
+        tokens, masks = to_samples(tokenize_examples(path, d.template, tok), t.seq_len, pad, d.pack)
         keep = masks[:, 1:].sum(1) > 0
         if not keep.any():
             raise ValueError(f"{path}: no example keeps a response token within train.seq_len={t.seq_len} "
@@ -76,7 +77,7 @@ def load_data(cfg: RunConfig, base: BaseCheckpoint) -> Data:
                   f"train.seq_len={t.seq_len} and are skipped", flush=True)
         return tokens[keep], masks[keep]
 
-    forgetting = D.text_samples(d.forgetting, tok, t.seq_len, max_samples=t.eval_batches * t.micro_batch) if d.forgetting else None
+    forgetting = text_samples(d.forgetting, tok, t.seq_len, max_samples=t.eval_batches * t.micro_batch) if d.forgetting else None
     data = Data(samples(d.train), samples(d.valid) if d.valid else None, forgetting)
     if first_on_node:
         dist.barrier()
@@ -134,7 +135,7 @@ class Trainer:
         self.loss_scale = LossScale(dynamic=self.dtype == torch.float16)
         seed_per_replica(t.seed, g)
         self.data = data if data is not None else load_data(cfg, self.base)
-        self.order = D.SampleOrder(len(self.data.train[0]), t.seed)
+        self.order = SampleOrder(len(self.data.train[0]), t.seed)
         n = len(self.data.train[0])
         self.total = t.iters if t.iters >= 0 else math.ceil(t.epochs * n / t.global_batch)
         self.step, self.position = 0, 0
@@ -182,7 +183,7 @@ class Trainer:
         t, g = self.cfg.train, self.groups
         start = time.time()
         indices = self.order.step_indices(self.position, t.global_batch, g.dp_rank, g.dp_size)
-        batches = D.micro_batches(*self.data.train, indices, t.micro_batch)
+        batches = micro_batches(*self.data.train, indices, t.micro_batch)
         tokens = scored_tokens(batches, g)
         self.model.train()
         for p in self.params:

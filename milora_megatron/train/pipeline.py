@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ..device import all_reduce_scalars, collective_device
-from .data import Batch
+from .batches import Batch
 from .parallel import ParallelGroups
 
 

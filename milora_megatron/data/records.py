@@ -1,37 +1,16 @@
-"""Instruction data through the ``datasets`` library: local files -> prompt/response token
-sequences with the loss on the response only -> fixed-length samples -> a deterministic,
-resumable order sharded over data-parallel ranks."""
+"""Instruction and text data through the ``datasets`` library: local files -> prompt/response
+token sequences with the loss on the response only -> fixed-length samples; general text
+-> scored windows. Shared by the trainer and the analysis tools."""
 
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                   "context. Write a response that appropriately completes the request.\n\n")
-_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-
-
-def _alpaca(record: dict) -> tuple[str, str]:
-    if record.get("input"):
-        prompt = f"{_PREAMBLE_INPUT}### Instruction:\n{record['instruction']}\n\n### Input:\n{record['input']}\n\n### Response:\n"
-    else:
-        prompt = f"{_PREAMBLE}### Instruction:\n{record['instruction']}\n\n### Response:\n"
-    return prompt, record["output"]
-
-
-def _metamath(record: dict) -> tuple[str, str]:
-    return f"{_PREAMBLE}### Instruction:\n{record['query']}\n\n### Response:\n", record["response"]
-
-
-# template -> (fields that must be present, optional fields, formatter)
-TEMPLATES = {
-    "alpaca": (("instruction", "output"), ("input",), _alpaca),
-    "metamath": (("query", "response"), (), _metamath),
-}
+from .templates import TEMPLATES
 
 
 def load_records(path: str):
@@ -74,8 +53,6 @@ def _first_missing(records, required: tuple[str, ...]) -> tuple[int, list[str]] 
 def tokenizer_fingerprint(tokenizer) -> str:
     """A stable identity of a tokenizer (vocabulary, merges, special tokens, BOS/EOS handling),
     so a tokenised dataset is cached under it and reused by the other ranks."""
-    import hashlib
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
     extra = repr((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.all_special_tokens))
@@ -88,7 +65,8 @@ def tokenize_examples(path: str, template: str, tokenizer) -> list[tuple[np.ndar
     One batched ``datasets.map`` (the fast tokenizer works on whole batches), cached by
     ``datasets`` under a fingerprint of the file, the template and the tokenizer: the first
     process on a node tokenises, the others load its result (see ``Trainer``)."""
-    required, _optional, fmt = TEMPLATES[template]
+    template_ = TEMPLATES[template]
+    required, fmt = template_.required, template_.format
     records = load_records(path)
     if len(records) == 0:
         raise ValueError(f"{path} holds no records")
@@ -106,7 +84,10 @@ def tokenize_examples(path: str, template: str, tokenizer) -> list[tuple[np.ndar
         r = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
         return {"input_ids": [a + b + [eos] for a, b in zip(p, r)], "prompt_len": [len(a) for a in p]}
 
-    fingerprint = f"milora-{template}-{tokenizer_fingerprint(tokenizer)}-{records._fingerprint}"[:64]
+    # the template's text is part of the key: a probe record formatted with it
+    probe = repr(fmt({f: f"<{f}>" for f in (*required, *template_.optional)}))
+    key = hashlib.sha256(f"{probe}|{tokenizer_fingerprint(tokenizer)}|{records._fingerprint}".encode()).hexdigest()
+    fingerprint = f"milora-{template}-{key[:32]}"
     mapped = records.map(encode, batched=True, batch_size=1000, remove_columns=records.column_names,
                          new_fingerprint=fingerprint, desc=f"tokenising {os.path.basename(path)}")
     out = []
@@ -151,41 +132,3 @@ def text_samples(path: str, tokenizer, seq_len: int, max_samples: int | None = N
         raise ValueError(f"{path}: fewer than {n} tokens of text")
     tokens = torch.tensor(ids[: count * n], dtype=torch.int64).view(count, n)
     return tokens, torch.ones(count, n, dtype=torch.float32)
-
-
-@dataclass
-class Batch:
-    tokens: torch.Tensor  # [b, s] inputs
-    labels: torch.Tensor  # [b, s] next tokens
-    mask: torch.Tensor  # [b, s] 1 where the label is scored
-
-
-def make_batch(tokens: torch.Tensor, mask: torch.Tensor) -> Batch:
-    return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask[:, 1:].contiguous())
-
-
-def micro_batches(tokens: torch.Tensor, masks: torch.Tensor, indices: list[int], micro_batch: int) -> list[Batch]:
-    """The samples at ``indices``, in order, cut into micro-batches."""
-    return [make_batch(tokens[indices[i : i + micro_batch]], masks[indices[i : i + micro_batch]])
-            for i in range(0, len(indices), micro_batch)]
-
-
-class SampleOrder:
-    """Epoch-wise permutations seeded by (seed, epoch); a step's global batch is cut into
-    data-parallel shards, each into micro-batches. Position = samples consumed (resumable)."""
-
-    def __init__(self, num_samples: int, seed: int):
-        self.num_samples, self.seed = num_samples, seed
-        self._perm_epoch, self._perm = -1, None
-
-    def _index(self, position: int) -> int:
-        epoch, offset = divmod(position, self.num_samples)
-        if epoch != self._perm_epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.num_samples, generator=gen), epoch
-        return int(self._perm[offset])
-
-    def step_indices(self, position: int, global_batch: int, dp_rank: int, dp_size: int) -> list[int]:
-        per_rank = global_batch // dp_size
-        start = position + dp_rank * per_rank
-        return [self._index(p) for p in range(start, start + per_rank)]

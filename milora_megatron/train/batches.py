@@ -1,0 +1,46 @@
+"""Training samples as micro-batches, and the deterministic, resumable order in which a run
+consumes them, sharded over data-parallel ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # [b, s] inputs
+    labels: torch.Tensor  # [b, s] next tokens
+    mask: torch.Tensor  # [b, s] 1 where the label is scored
+
+
+def make_batch(tokens: torch.Tensor, mask: torch.Tensor) -> Batch:
+    return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask[:, 1:].contiguous())
+
+
+def micro_batches(tokens: torch.Tensor, masks: torch.Tensor, indices: list[int], micro_batch: int) -> list[Batch]:
+    """The samples at ``indices``, in order, cut into micro-batches."""
+    return [make_batch(tokens[indices[i : i + micro_batch]], masks[indices[i : i + micro_batch]])
+            for i in range(0, len(indices), micro_batch)]
+
+
+class SampleOrder:
+    """Epoch-wise permutations seeded by (seed, epoch); a step's global batch is cut into
+    data-parallel shards, each into micro-batches. Position = samples consumed (resumable)."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed = num_samples, seed
+        self._perm_epoch, self._perm = -1, None
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_samples)
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.num_samples, generator=gen), epoch
+        return int(self._perm[offset])
+
+    def step_indices(self, position: int, global_batch: int, dp_rank: int, dp_size: int) -> list[int]:
+        per_rank = global_batch // dp_size
+        start = position + dp_rank * per_rank
+        return [self._index(p) for p in range(start, start + per_rank)]
