@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from milora_megatron.adapters.config import PAPER_ALPHA_PER_RANK  # noqa: E402
+from milora_megatron.adapters.variants import get_variant  # noqa: E402
 from milora_megatron.models.llama import LlamaShape  # noqa: E402
 from milora_megatron.train.config import load_config  # noqa: E402
 from milora_megatron.train.loop import Data, Trainer, setup  # noqa: E402
@@ -62,7 +62,7 @@ def peak_memory_gib() -> float:
 def bench_method(method: str, args, shape: LlamaShape, out_dir: str) -> dict:
     steps = args.warmup_steps + args.steps
     overrides = [
-        f"peft.method={method}", f"peft.rank={args.rank}", f"peft.alpha={PAPER_ALPHA_PER_RANK[method] * args.rank}",
+        f"peft.method={method}", f"peft.rank={args.rank}", f"peft.alpha={get_variant(method).paper_alpha_per_rank * args.rank}",
         f"peft.dropout={args.dropout}", f"peft.targets=[{','.join(args.targets)}]", f"peft.residual={args.residual}",
         f"train.iters={steps}", f"train.seq_len={args.seq_len}", f"train.global_batch={args.global_batch}",
         f"train.micro_batch={args.micro_batch}", "train.eval_every=0", "train.warmup=1", "train.lr=3e-4",

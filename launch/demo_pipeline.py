@@ -32,7 +32,9 @@ def step(title: str, cmd: list[str]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=os.path.join(ROOT, "runs", "demo"), help="folder for everything the demo writes")
-    p.add_argument("--method", default="milora", choices=["lora", "pissa", "milora", "mica"])
+    from milora_megatron.adapters.variants import available
+
+    p.add_argument("--method", default="milora", choices=available(), help="adapter method")
     p.add_argument("--iters", type=int, default=30, help="training steps")
     args = p.parse_args()
     start = time.time()

@@ -32,7 +32,7 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 
-from milora_megatron.adapters.config import PAPER_ALPHA_PER_RANK as ALPHA_PER_RANK  # noqa: E402
+from milora_megatron.adapters.variants import available, get_variant  # noqa: E402
 from replication import arithmetic, corpus, report  # noqa: E402
 
 SHAPE = dict(layers=4, hidden=256, heads=8, kv_heads=2, ffn=688, vocab=4096)
@@ -120,7 +120,7 @@ def fine_tune(args, p: dict, method: str, seed: int, work: str) -> dict:
     start = time.time()
     overrides = [f"model.load={p['ckpt']}", f"data.train={p['task_train']}", f"data.forgetting={p['held_txt']}",
                  f"output.dir={run}", f"peft.method={method}", f"peft.rank={args.rank}",
-                 f"peft.alpha={ALPHA_PER_RANK[method] * args.rank}", f"train.seed={seed}", f"train.iters={args.iters}"]
+                 f"peft.alpha={get_variant(method).paper_alpha_per_rank * args.rank}", f"train.seed={seed}", f"train.iters={args.iters}"]
     sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         os.path.join(ROOT, "launch/pretrain_milora.py"), "--config", CONFIG,
         *overrides], os.path.join(folder, "train.log"))
@@ -134,7 +134,7 @@ def fine_tune(args, p: dict, method: str, seed: int, work: str) -> dict:
     metrics = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     losses = [m["loss"] for m in metrics if "loss" in m]
     trainer_forgetting = [m["forgetting_loss"] for m in metrics if "forgetting_loss" in m]
-    result = {"method": method, "seed": seed, "rank": args.rank, "alpha": ALPHA_PER_RANK[method] * args.rank,
+    result = {"method": method, "seed": seed, "rank": args.rank, "alpha": get_variant(method).paper_alpha_per_rank * args.rank,
               "iters": args.iters, "train_loss_first": losses[0], "train_loss_last": losses[-1],
               "trainer_forgetting_loss": trainer_forgetting[-1] if trainer_forgetting else None,
               "eval": ev, "spectrum": spec["summary"], "train_export_s": round(train_s, 1),
@@ -229,9 +229,9 @@ def main() -> int:
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
-    unknown = set(methods) - set(ALPHA_PER_RANK)
+    unknown = set(methods) - set(available())
     if unknown:
-        ap.error(f"unknown methods {sorted(unknown)}; choose from {sorted(ALPHA_PER_RANK)}")
+        ap.error(f"unknown methods {sorted(unknown)}; choose from {available()}")
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import statistics
 
-NAMES = {"lora": "LoRA", "pissa": "PiSSA", "milora": "MiLoRA", "mica": "MiCA"}
+from milora_megatron.adapters.variants import available, get_variant
+
+
+def display(method: str) -> str:
+    return get_variant(method).display_name
 
 # (key in a run's result, column title, format, better)
 COLUMNS = [
@@ -59,8 +63,8 @@ def ordering(stats: dict) -> list[str]:
     if "milora" not in stats:
         return out
     m = stats["milora"]
-    for other in ("pissa", "lora", "mica"):
-        if other not in stats:
+    for other in available():
+        if other == "milora" or other not in stats:
             continue
         o = stats[other]
         for key, word, better in (("forgetting_kl", "forgets less (forgetting KL)", "low"),
@@ -69,7 +73,7 @@ def ordering(stats: dict) -> list[str]:
             holds = mm <= om if better == "low" else mm >= om
             margin = abs(mm - om)
             clear = margin > ms + os_
-            out.append(f"MiLoRA {word}{'' if word.endswith(' as') else ' than'} {NAMES[other]}: "
+            out.append(f"MiLoRA {word}{'' if word.endswith(' as') else ' than'} {display(other)}: "
                        f"{'yes' if holds else 'no'} ({mm:.4g} vs {om:.4g}; difference {margin:.3g}, "
                        f"{'larger' if clear else 'not larger'} than the summed seed std {ms + os_:.3g})")
     return out

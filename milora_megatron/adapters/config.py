@@ -7,8 +7,6 @@ from typing import Literal
 
 from ..mapping import HF_TARGETS, PAPER_TARGETS
 
-# The papers' alpha / rank: 2 for plain LoRA, 1 for the SVD-initialised methods (MiLoRA paper).
-PAPER_ALPHA_PER_RANK = {"lora": 2.0, "pissa": 1.0, "milora": 1.0, "mica": 1.0}
 
 
 @dataclass

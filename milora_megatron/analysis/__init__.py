@@ -8,9 +8,9 @@
 
 from .deltas import parse_layers, spectrum_report
 from .forgetting import evaluate, exact_match, final_number, load_pair
-from .spectrum import (INIT_SUBSPACE, amplification, analyze_pair, init_singular_values, similarity_to_w,
+from .spectrum import (amplification, analyze_pair, init_side, init_singular_values, similarity_to_w,
                        subspace_similarity)
 
-__all__ = ["INIT_SUBSPACE", "amplification", "analyze_pair", "evaluate", "exact_match", "final_number",
+__all__ = ["amplification", "analyze_pair", "evaluate", "exact_match", "final_number", "init_side",
            "init_singular_values", "load_pair", "parse_layers", "similarity_to_w", "spectrum_report",
            "subspace_similarity"]

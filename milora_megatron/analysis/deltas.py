@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from ..convert.hf_folder import HFFolder
 from ..mapping import HF_TARGETS, PROJECTIONS
-from .spectrum import INIT_SUBSPACE, SVD, analyze_pair, lowrank_svd64, matched_init, svd64
+from .spectrum import SVD, analyze_pair, init_side, lowrank_svd64, matched_init, svd64
 EXPORT_INFO = "milora_export.json"  # written by our exporter next to adapter_config.json
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)"
                   r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
@@ -202,8 +202,7 @@ def spectrum_report(base_dir: str, adapter_dir: str | None = None, merged_dir: s
         source = MergedModel(merged_dir)
         method_source, rank_source = ("argument" if method else "unknown"), "argument"
         default_targets, default_layers = list(HF_TARGETS), list(range(num_layers))
-    if method is not None and method not in INIT_SUBSPACE:
-        raise ValueError(f"unknown method {method!r}; known: {sorted(INIT_SUBSPACE)}")
+    init_side(method)  # an unknown method fails here, listing the known ones
     targets = list(targets or default_targets)
     bad = [t for t in targets if t not in HF_TARGETS]
     if bad:
@@ -244,7 +243,7 @@ def spectrum_report(base_dir: str, adapter_dir: str | None = None, merged_dir: s
         "adapter": os.path.abspath(adapter_dir) if adapter_dir else None,
         "merged": os.path.abspath(merged_dir) if merged_dir else None,
         "method": method, "method_source": method_source,
-        "init_subspace": INIT_SUBSPACE.get(method) if method else None,
+        "init_subspace": init_side(method),
         "rank": rank, "rank_source": rank_source,
         "targets": targets, "layers": layers,
         "entries": entries, "unchanged": unchanged,

@@ -13,12 +13,19 @@ from dataclasses import dataclass
 
 import torch
 
-# Which of W's singular triplets a method's initial factors are built from.
-#   pissa:  A, B from the top-r (principal) triplets
-#   milora: A, B from the bottom-r (minor) triplets
-#   mica:   B = the bottom-r left singular vectors (frozen), A = 0 (MiCA abstract, arXiv 2604.01694)
-#   lora:   random A, zero B: no subspace of W
-INIT_SUBSPACE = {"pissa": "top", "milora": "bottom", "mica": "bottom", "lora": None}
+# The reports' words for the two ends of W's spectrum, by a method's declared subspace.
+SIDE = {"principal": "top", "minor": "bottom"}
+
+
+def init_side(method: str | None) -> str | None:
+    """"top" / "bottom": which of W's singular triplets ``method``'s initial factors are built
+    from, as the method declares it (adapters/variants); None for LoRA or no method."""
+    if method is None:
+        return None
+    from ..adapters.variants import get_variant
+
+    subspace = get_variant(method).subspace
+    return SIDE[subspace] if subspace else None
 
 
 @dataclass
@@ -110,9 +117,7 @@ def random_projected_norm(w: torch.Tensor, r: int, seed: int) -> float:
 def init_singular_values(sigma: torch.Tensor, r: int, method: str | None) -> dict:
     """W's top-r and bottom-r singular values, and which of them ``method``'s initial factors
     were built from (None for LoRA, which starts from random A and zero B, or an unknown method)."""
-    if method is not None and method not in INIT_SUBSPACE:
-        raise ValueError(f"unknown method {method!r}; known: {sorted(INIT_SUBSPACE)}")
-    which = INIT_SUBSPACE.get(method) if method else None
+    which = init_side(method)
     top, bottom = sigma[:r].tolist(), sigma[-r:].tolist()
     return {
         "init_subspace": which,

@@ -30,6 +30,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
+from milora_megatron.adapters.variants import available  # noqa: E402  (no megatron)
 from milora_megatron.mapping import HF_TARGETS as TARGETS  # noqa: E402  (torch only)
 
 
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=None,
                    help="r: how many singular vectors of dW and of W to compare (default: the trained rank from "
                         "milora_export.json, else the adapter's r; required with --merged)")
-    p.add_argument("--method", choices=["lora", "pissa", "milora", "mica"], default=None,
+    p.add_argument("--method", choices=available(), default=None,
                    help="the adapter's method, for which of W's singular values its init came from "
                         "(default: from milora_export.json; else unknown and both top-r and bottom-r are shown)")
     p.add_argument("--targets", default=None,

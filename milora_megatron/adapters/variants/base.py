@@ -40,8 +40,12 @@ class Factors:
 
 
 class Variant(abc.ABC):
-    name: ClassVar[str]
+    """A method: everything the rest of the project knows of it is declared here."""
+
+    name: ClassVar[str]  # the config value, e.g. "milora"
+    display_name: ClassVar[str]  # for tables and plots, e.g. "MiLoRA"
     subspace: ClassVar[Which | None] = None  # which singular triplets init needs, if any
+    paper_alpha_per_rank: ClassVar[float] = 1.0  # alpha / rank in the papers' settings
 
     @abc.abstractmethod
     def init(self, ctx: InitContext) -> Factors:
@@ -63,6 +67,7 @@ def get_variant(name: str) -> Variant:
 
 
 def available() -> list[str]:
+    """The registered methods' names, sorted."""
     return sorted(_REGISTRY)
 
 

@@ -10,6 +10,8 @@ class LoRA(Variant):
     """Kaiming-uniform A (as nn.Linear and PEFT), zero B: the update starts at zero."""
 
     name = "lora"
+    display_name = "LoRA"
+    paper_alpha_per_rank = 2.0  # LoRA's usual alpha = 2r (the MiLoRA paper's baseline)
 
     def init(self, ctx: InitContext) -> Factors:
         full_out, full_in = ctx.full_shape

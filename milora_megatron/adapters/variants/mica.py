@@ -11,6 +11,7 @@ class MiCA(Variant):
     only trained factor; W is untouched."""
 
     name = "mica"
+    display_name = "MiCA"
     subspace = "minor"
 
     def init(self, ctx: InitContext) -> Factors:

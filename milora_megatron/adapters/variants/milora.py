@@ -7,6 +7,7 @@ class MiLoRA(Variant):
     training starts in the subspace W uses least; W keeps its principal part."""
 
     name = "milora"
+    display_name = "MiLoRA"
     subspace = "minor"
 
     def init(self, ctx: InitContext) -> Factors:

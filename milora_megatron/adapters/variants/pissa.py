@@ -6,6 +6,7 @@ class PiSSA(Variant):
     """Principal singular components: A, B from the top-r triplets; W keeps the rest."""
 
     name = "pissa"
+    display_name = "PiSSA"
     subspace = "principal"
 
     def init(self, ctx: InitContext) -> Factors:
