@@ -128,7 +128,7 @@ def residual_modes(n: int, rank: int, cond: float) -> list[tuple[str, float]]:
         with torch.no_grad():
             layer.weight.copy_(w)
             base, _ = layer(x)
-        adapt_linear(layer, "q_proj", AdapterConfig(method="milora", rank=rank, residual=mode, targets=["q_proj"]))
+        adapt_linear(layer, "q_proj", AdapterConfig(method="milora", rank=rank, residual=mode, targets=["q_proj"], dropout=0.0))
         with torch.no_grad():
             out, _ = layer(x)
         rel = ((out.float() - base.float()).norm() / base.float().norm()).item()

@@ -14,36 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-KEY_HELP = """
-config keys (section.key = default):
-{keys}
-
-  model.load        converted base checkpoint (tools/convert/hf_to_megatron.py)
-  model.spec        local (torch-native SDPA + RMSNorm); te is refused (TE linears cannot be adapted)
-  model.device      auto (this rank's GPU when CUDA is visible, else CPU) | cuda | cpu
-  model.dtype       auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 (dynamic loss scale) | fp32;
-                    the adapter factors, their gradients and AdamW state are fp32 in every case
-  train.recompute   none | selective (core attention) | full (every layer): activation memory for compute
-  data.train/valid  jsonl, json, parquet file or a datasets save_to_disk folder
-  data.template     alpaca (instruction/[input]/output) | metamath (query/response); loss on the response only
-  data.forgetting   held-out general text (.txt or a 'text' column): forgetting loss vs the base model
-  data.pack         pack examples into train.seq_len sequences instead of truncating/padding each
-  train.iters       optimizer steps (-1: from train.epochs; 0: initialise adapters, save, stop)
-  train.global_batch / micro_batch   sequences per step over all data-parallel ranks / per forward
-  train.warmup, train.schedule       linear warmup steps, then linear | cosine decay to train.min_lr
-  train.clip_grad   global gradient-norm clip (0: off); train.eval_every: validation/forgetting period
-  parallel.tp/pp/sp tensor / pipeline parallel sizes, sequence parallelism
-  peft.method       lora | pissa | milora | mica;  peft.alpha empty/null: alpha = rank
-  peft.residual     branch (W untouched, exact) | merge (W - s B0 A0 written into W, as in PEFT)
-  output.dir        run folder: config.json, run.json, metrics.jsonl, checkpoints/step_N, checkpoints/latest
-  output.save_every checkpoint period in steps (0: only at the end); output.keep_last: how many to keep
-"""
-
-
 def main(argv=None) -> int:
     from milora_megatron.train.config import ConfigError, describe, load_config
 
-    p = argparse.ArgumentParser(description=__doc__, epilog=KEY_HELP.format(keys=describe()),
+    p = argparse.ArgumentParser(description=__doc__, epilog="config keys (section.key = default):\n" + describe(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")

@@ -24,7 +24,7 @@ def _worker(method, residual):
     with torch.no_grad():
         layer.weight.copy_(w)
         base, _ = layer(x)
-    adapt_linear(layer, "q_proj", AdapterConfig(method=method, rank=RANK, residual=residual, targets=["q_proj"]))
+    adapt_linear(layer, "q_proj", AdapterConfig(method=method, rank=RANK, residual=residual, targets=["q_proj"], dropout=0.0))
     with torch.no_grad():
         out, _ = layer(x)
     return {"rel": ((out.float() - base.float()).norm() / base.float().norm()).item(),

@@ -74,7 +74,8 @@ def find_targets(model_chunks, cfg: AdapterConfig, tp_size: int) -> list[Adapted
     return found
 
 
-def apply_adapters(model_chunks, cfg: AdapterConfig, tp_group=None, dp_group=None, progress: bool = False):
+def apply_adapters(model_chunks, cfg: AdapterConfig, tp_group=None, dp_group=None, progress: bool = False,
+                   seed: int = 1234):
     """Adapt and initialise ``cfg.targets`` in this pipeline stage's model chunks.
 
     Collective over the TP group (and the DP group, which splits the SVD work): every rank
@@ -84,7 +85,7 @@ def apply_adapters(model_chunks, cfg: AdapterConfig, tp_group=None, dp_group=Non
         model_chunks = [model_chunks]
     tp_size = tp_group.size() if tp_group is not None else 1
     targets = find_targets(model_chunks, cfg, tp_size)
-    initialise_adapters(targets, cfg, tp_group, dp_group, progress)
+    initialise_adapters(targets, cfg, tp_group, dp_group, progress, seed)
     for chunk in model_chunks:
         for name, param in chunk.named_parameters():
             if ".adapters." not in name:
@@ -94,8 +95,9 @@ def apply_adapters(model_chunks, cfg: AdapterConfig, tp_group=None, dp_group=Non
 
 @torch.no_grad()
 def initialise_adapters(targets: list[AdaptedTarget], cfg: AdapterConfig, tp_group=None, dp_group=None,
-                        progress: bool = False) -> None:
-    """Give each adapted target its method's initial factors (collective, see apply_adapters)."""
+                        progress: bool = False, seed: int = 1234) -> None:
+    """Give each adapted target its method's initial factors (collective, see apply_adapters).
+    ``seed``: for methods that draw (LoRA's A), the same at any TP size."""
     tp_size = tp_group.size() if tp_group is not None else 1
     tp_rank = tp_group.rank() if tp_group is not None else 0
     variant = get_variant(cfg.method)
@@ -113,12 +115,13 @@ def initialise_adapters(targets: list[AdaptedTarget], cfg: AdapterConfig, tp_gro
         ctx = InitContext(
             name=t.name, shard_dim=t.shard_dim, local_shape=tuple(w.local.shape), full_shape=full_shape(w, tp_size),
             rank=cfg.rank, scaling=cfg.scaling, tp_rank=tp_rank, tp_size=tp_size,
-            tp_group=tp_group, seed=cfg.seed, subspace=sub,
+            tp_group=tp_group, seed=seed, subspace=sub,
         )
         _install(t, variant.init(ctx), cfg)
 
 
-def adapt_linear(module, target: str, cfg: AdapterConfig, tp_group=None, name: str | None = None) -> AdaptedTarget:
+def adapt_linear(module, target: str, cfg: AdapterConfig, tp_group=None, name: str | None = None,
+                 seed: int = 1234) -> AdaptedTarget:
     """Adapt one standalone megatron linear as a single (unfused) HF target and initialise it.
 
     For custom models, tests and benchmarks; GPT models go through ``apply_adapters``.
@@ -129,7 +132,7 @@ def adapt_linear(module, target: str, cfg: AdapterConfig, tp_group=None, name: s
     layout = FusedLayout(1, ((target, module.weight.shape[0]),), shard_dim=shard_dim)
     adapt_in_place(module, layout, cfg.dropout)
     adapted = AdaptedTarget(name or target, target, module, layout)
-    initialise_adapters([adapted], cfg, tp_group)
+    initialise_adapters([adapted], cfg, tp_group, seed=seed)
     return adapted
 
 

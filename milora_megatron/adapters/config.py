@@ -8,20 +8,28 @@ from typing import Literal
 from ..mapping import HF_TARGETS, PAPER_TARGETS
 
 
+def option(default, help: str, **kwargs):
+    """A config field with its documentation (``--help`` is generated from it)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
 
 @dataclass
 class AdapterConfig:
-    method: str = "milora"  # lora | pissa | milora | mica (see adapters/variants/)
-    rank: int = 32
-    alpha: float | None = None  # None: alpha = rank, so the scale s = alpha / rank is 1
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: list(PAPER_TARGETS))
-    # PiSSA/MiLoRA must remove s*B0*A0 from W so the model starts unchanged:
-    # "branch" keeps W bit-identical and subtracts a frozen s*B0*A0 branch (exact at init,
-    # default: see README "Residual modes"); "merge" writes W - s*B0*A0 into W (paper/PEFT).
-    residual: Literal["branch", "merge"] = "branch"
-    svd_backend: Literal["gram", "exact"] = "gram"  # "exact": gathered float64 SVD, debugging only
-    seed: int = 1234  # LoRA's random A; identical at any TP size
+    """The ``peft.*`` section of a run's config: what to adapt and how."""
+
+    method: str = option("milora", "adapter method: one of adapters/variants/ (lora, pissa, milora, mica)")
+    rank: int = option(32, "adapter rank r")
+    alpha: float | None = option(None, "scale numerator, s = alpha / rank; empty/null: alpha = rank")
+    dropout: float = option(0.05, "dropout on the adapter input (the paper's 0.05)")
+    targets: list[str] = option(list(PAPER_TARGETS), "HF projections to adapt (q_proj, k_proj, v_proj, o_proj, "
+                                                     "gate_proj, up_proj, down_proj)")
+    residual: Literal["branch", "merge"] = option(
+        "branch", "PiSSA/MiLoRA: branch keeps W bit-identical and subtracts a frozen s B0 A0 branch; merge "
+                  "writes W - s B0 A0 into W (as the paper and PEFT; in bf16 it rounds W)")
+    svd_backend: Literal["gram", "exact"] = option("gram", "gram (distributed fp64 Gram + eigh) | exact "
+                                                           "(gathers W, fp64 SVD; debugging only)")
 
     def __post_init__(self):
         if self.alpha is None:
@@ -37,6 +45,8 @@ class AdapterConfig:
             raise ValueError(f"peft.dropout must be in [0, 1), got {self.dropout}")
         if self.residual not in ("branch", "merge"):
             raise ValueError(f"peft.residual must be 'branch' or 'merge', got {self.residual!r}")
+        if self.svd_backend not in ("gram", "exact"):
+            raise ValueError(f"peft.svd_backend must be 'gram' or 'exact', got {self.svd_backend!r}")
         from .variants import get_variant
 
         get_variant(self.method)  # fails early with the list of methods

@@ -12,71 +12,66 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from ..mapping import PAPER_TARGETS
+from ..adapters.config import AdapterConfig, option
+from ..data.templates import TEMPLATES
 from ..device import DEVICES, DTYPES
 from ..models.llama import RECOMPUTE
 
 
 @dataclass
 class ModelConfig:
-    load: str = ""  # a base checkpoint written by tools/convert/hf_to_megatron.py
-    spec: str = "local"  # local (torch-native: SDPA + own RMSNorm); the only one accepted, see validate()
-    device: str = "auto"  # auto (this rank's GPU if CUDA is visible, else CPU) | cuda | cpu
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32; adapter factors stay fp32
+    load: str = option("", "base checkpoint written by tools/convert/hf_to_megatron.py")
+    spec: str = option("local", "megatron layer spec: local (torch-native SDPA + RMSNorm); 'te' is refused: "
+                                "transformer-engine's linears cannot be adapted")
+    device: str = option("auto", "auto (this rank's GPU, LOCAL_RANK, when CUDA is visible, else CPU) | cuda | cpu")
+    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 (dynamic loss scale) | fp32; the "
+                                "adapter factors, their gradients and AdamW state are fp32 in every case")
 
 
 @dataclass
 class DataConfig:
-    train: str = ""  # jsonl / json / parquet file, or a datasets save_to_disk folder
-    valid: str = ""  # same formats; empty: no validation loss
-    template: str = "alpaca"  # alpaca (instruction/input/output) | metamath (query/response)
-    forgetting: str = ""  # held-out general text (a "text" column, or plain .txt); empty: not measured
-    pack: bool = False  # pack several examples into one train.seq_len sequence (else truncate + pad)
+    train: str = option("", "jsonl / json / parquet file, or a datasets save_to_disk folder")
+    valid: str = option("", "same formats; empty: no validation loss")
+    template: str = option("alpaca", "prompt template (data/templates.py): alpaca (instruction/[input]/output) | "
+                                     "metamath (query/response); the loss is on the response only")
+    forgetting: str = option("", "held-out general text (.txt or a 'text' column) for the forgetting loss against "
+                                 "the base model; empty: not measured")
+    pack: bool = option(False, "pack examples into train.seq_len sequences (else truncate + pad each)")
 
 
 @dataclass
 class TrainConfig:
-    iters: int = -1  # optimizer steps; -1: from train.epochs; 0: initialise adapters, save, stop
-    epochs: float = 3.0
-    global_batch: int = 16  # sequences per optimizer step, over all data-parallel ranks
-    micro_batch: int = 1  # sequences per forward pass on one rank
-    seq_len: int = 512
-    lr: float = 3e-4
-    min_lr: float = 0.0
-    schedule: str = "linear"  # linear | cosine (decay after warmup)
-    warmup: int = 100  # steps of linear warmup
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0  # global gradient-norm clip; 0 disables
-    seed: int = 42
-    eval_every: int = 100  # validation / forgetting every N steps (and at the end); 0: only at the end
-    eval_batches: int = 8  # micro-batches per evaluation
-    log_every: int = 1
-    recompute: str = "none"  # activation recompute: none | selective (core attention) | full (every layer)
+    iters: int = option(-1, "optimizer steps; -1: from train.epochs; 0: initialise adapters, save, stop")
+    epochs: float = option(3.0, "epochs over data.train when train.iters is -1")
+    global_batch: int = option(16, "sequences per optimizer step, over all data-parallel ranks")
+    micro_batch: int = option(1, "sequences per forward pass on one rank")
+    seq_len: int = option(512, "tokens per sequence")
+    lr: float = option(3e-4, "peak AdamW learning rate")
+    min_lr: float = option(0.0, "learning rate at the end of the decay")
+    schedule: str = option("linear", "decay after warmup: linear | cosine")
+    warmup: int = option(100, "steps of linear warmup")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    clip_grad: float = option(1.0, "global gradient-norm clip; 0 disables")
+    seed: int = option(42, "data order, dropout and LoRA's random A")
+    eval_every: int = option(100, "validation / forgetting every N steps (and at the end); 0: only at the end")
+    eval_batches: int = option(8, "micro-batches per evaluation")
+    log_every: int = option(1, "console line and metrics.jsonl record every N steps")
+    recompute: str = option("none", "activation recompute: none | selective (core attention) | full (every layer)")
 
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    sp: bool = False  # sequence parallelism (needs tp > 1)
-
-
-@dataclass
-class PeftConfig:
-    method: str = "milora"  # lora | pissa | milora | mica
-    rank: int = 32
-    alpha: float | None = None  # None: alpha = rank
-    dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: list(PAPER_TARGETS))
-    residual: str = "branch"  # branch | merge (PiSSA/MiLoRA, see README "Residual modes")
-    svd_backend: str = "gram"  # gram | exact
+    tp: int = option(1, "tensor-parallel size")
+    pp: int = option(1, "pipeline-parallel size")
+    sp: bool = option(False, "sequence parallelism (needs tp > 1)")
 
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs/run"
-    save_every: int = 0  # steps between checkpoints (0: only at the end)
-    keep_last: int = 2  # checkpoints kept (the newest ones)
+    dir: str = option("runs/run", "run folder: config.json, run.json, metrics.jsonl, checkpoints/step_N, "
+                                  "checkpoints/latest")
+    save_every: int = option(0, "steps between checkpoints (0: only at the end)")
+    keep_last: int = option(2, "checkpoints kept (the newest ones)")
 
 
 @dataclass
@@ -85,20 +80,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
+    peft: AdapterConfig = field(default_factory=AdapterConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def peft_config(self):
-        """The adapter config (validates method, rank, dropout, targets, residual)."""
-        from ..adapters.config import AdapterConfig
-
-        p = self.peft
-        return AdapterConfig(method=p.method, rank=p.rank, alpha=p.alpha, dropout=p.dropout,
-                             targets=list(p.targets), residual=p.residual, svd_backend=p.svd_backend,
-                             seed=self.train.seed)
 
 
 class ConfigError(ValueError):
@@ -124,6 +110,10 @@ def _coerce(key: str, value, hint):
             return None
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {list(args)}, got {value!r}")
+        return value
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -169,7 +159,10 @@ def _build(cls, data: dict, prefix: str = ""):
             kwargs[name] = _build(hint, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(prefix + name, value, hint)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)  # a section may validate itself (peft: AdapterConfig)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def apply_override(data: dict, item: str) -> None:
@@ -211,7 +204,7 @@ def validate(cfg: RunConfig) -> None:
         (t.warmup >= 0, f"train.warmup must be >= 0, got {t.warmup}"),
         (t.schedule in ("linear", "cosine"), f"train.schedule must be linear or cosine, got {t.schedule!r}"),
         (p.tp >= 1 and p.pp >= 1, f"parallel.tp and parallel.pp must be >= 1, got {p.tp}, {p.pp}"),
-        (cfg.data.template in ("alpaca", "metamath"), f"data.template must be alpaca or metamath, got {cfg.data.template!r}"),
+        (cfg.data.template in TEMPLATES, f"data.template must be one of {sorted(TEMPLATES)}, got {cfg.data.template!r}"),
         (cfg.model.spec == "local", f"model.spec must be 'local', got {cfg.model.spec!r}: transformer-engine's "
                                     "spec ('te') builds TE linears that the adapters cannot wrap, and it has not run "
                                     "on a GPU here"),
@@ -224,17 +217,17 @@ def validate(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    try:
-        cfg.peft_config()
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
 
 
-def describe() -> str:
-    """Every key with its default, for --help."""
+def describe(width: int = 100) -> str:
+    """Every key with its default and documentation (the fields' own), for --help."""
+    import textwrap
+
     lines = []
-    default = RunConfig().to_dict()
-    for key in valid_keys():
-        section, name = key.split(".", 1)
-        lines.append(f"  {key} = {default[section][name]!r}")
+    hints = typing.get_type_hints(RunConfig)
+    for section in dataclasses.fields(RunConfig):
+        for f in dataclasses.fields(hints[section.name]):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"  {section.name}.{f.name} = {default!r}")
+            lines += textwrap.wrap(f.metadata.get("help", ""), width, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)

@@ -126,8 +126,9 @@ class Trainer:
                                   device=device, recompute=t.recompute, perform_initialization=False)
         self.model = build_gpt(shape, mcfg).to(device)
         self.base.load_into(self.model, g.tp_rank, g.tp_size)
-        self.peft = cfg.peft_config()
-        self.targets: list[AdaptedTarget] = apply_adapters(self.model, self.peft, g.tp, g.dp, progress=self.rank == 0)
+        self.peft = cfg.peft
+        self.targets: list[AdaptedTarget] = apply_adapters(self.model, self.peft, g.tp, g.dp, progress=self.rank == 0,
+                                                           seed=t.seed)
         self.init_s = time.perf_counter() - start
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay,
