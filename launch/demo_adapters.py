@@ -4,8 +4,8 @@
 
 Builds the model on every rank (random weights), initialises the adapters with the
 distributed SVD, checks the model output is unchanged, trains the adapters for a few
-steps on a synthetic next-token task and prints the loss. The HF -> train -> HF pipeline
-(converters, data, checkpoints) comes with the converter and trainer issues.
+steps on a synthetic next-token task and prints the loss. The whole HF -> train -> HF path
+is `make demo` (launch/demo_pipeline.py).
 """
 
 from __future__ import annotations

@@ -28,14 +28,11 @@ asked for (``left_orthonormal``), where they are completed deterministically.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
 import torch.distributed as dist
-
-log = logging.getLogger(__name__)
 
 Which = Literal["minor", "principal"]
 _EPS64 = torch.finfo(torch.float64).eps

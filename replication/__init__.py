@@ -1,1 +1,2 @@
-"""A small CPU replication of the MiLoRA paper's claims (see replication/README.md)."""
+"""A small CPU replication of the MiLoRA paper's claims: replicate.py runs it, results/RESULTS.md
+holds the latest table (see the README's "Analysis tools and the CPU replication")."""
