@@ -2,7 +2,7 @@ import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "support"))  # test helpers
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 # The suite is the CPU/gloo suite: GPUs are hidden from it and every process it starts

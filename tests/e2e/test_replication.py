@@ -7,7 +7,7 @@ import random
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import ROOT  # noqa: E402
 sys.path.insert(0, ROOT)
 
 from replication import arithmetic, corpus, report  # noqa: E402

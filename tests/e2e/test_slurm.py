@@ -12,7 +12,7 @@ import pytest
 from hf_tiny import alpaca_records, make_hf_llama, make_tokenizer
 from slurm_cluster import LocalSlurm, install
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import ROOT  # noqa: E402
 SCRIPT = os.path.join(ROOT, "slurm", "llama3_8b_milora.sh")
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from milora_megatron.convert.exporter import export_merged
 from milora_megatron.convert.importer import convert_hf_to_megatron
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import ROOT  # noqa: E402
 
 
 def _all_tensors(folder):

@@ -4,21 +4,12 @@ group's backend serves, the device/dtype choice, fp32 master factors inside a bf
 fp16's loss scale, per-replica dropout streams and NVML's GPU found by UUID."""
 
 import sys
-import types
 
-import pytest
 import torch
 from distributed import run_distributed
+from paths import ROOT
 from tiny import SHAPE, build_gpt, hf_layer_weights, logits
 
-from milora_megatron.device import device_type_for_backend, resolve_device, resolve_dtype
-
-
-def test_collective_device_is_a_function_of_the_backend():
-    assert device_type_for_backend("nccl") == "cuda"
-    assert device_type_for_backend("cpu:gloo,cuda:nccl") == "cuda"  # NCCL serves the GPU tensors
-    assert device_type_for_backend("gloo") == "cpu"
-    assert device_type_for_backend("mpi") == "cpu"
 
 
 def _collective_devices():
@@ -33,43 +24,6 @@ def _collective_devices():
 def test_gloo_groups_take_cpu_tensors():
     for devices, summed in run_distributed(_collective_devices, world=2, tp=2):
         assert devices == ["cpu", "cpu", "cpu"] and summed == [2.0, 4.0]
-
-
-def test_device_and_dtype_choice(monkeypatch):
-    assert resolve_device("auto") == torch.device("cpu")  # no GPU visible to the suite
-    assert resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(ValueError, match="no GPU is visible"):
-        resolve_device("cuda")
-    with pytest.raises(ValueError, match="model.device must be one of"):
-        resolve_device("tpu")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    with pytest.raises(ValueError, match="LOCAL_RANK 1 has no GPU: 1 visible"):
-        resolve_device("auto")  # e.g. torchrun --nproc_per_node 2 on a one-GPU machine
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
-    assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16
-    with pytest.raises(ValueError, match="model.dtype"):
-        resolve_dtype("fp8", torch.device("cpu"))
-
-
-@pytest.mark.parametrize("override,message", [
-    ("model.spec=te", "transformer-engine's spec"),
-    ("model.dtype=fp8", "model.dtype must be one of"),
-    ("model.device=tpu", "model.device must be one of"),
-    ("train.recompute=some", "train.recompute must be one of"),
-])
-def test_config_refuses_what_cannot_run(override, message):
-    import os
-
-    from milora_megatron.train.config import ConfigError, load_config
-
-    tiny = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny_cpu.yaml")
-    with pytest.raises(ConfigError, match=message):
-        load_config(tiny, [override])
-    cfg = load_config(tiny, ["model.dtype=bf16", "model.device=cpu", "train.recompute=full"])
-    assert (cfg.model.dtype, cfg.model.device, cfg.train.recompute) == ("bf16", "cpu", "full")
 
 
 def _bf16_masters_worker():
@@ -131,20 +85,6 @@ def test_bf16_model_with_fp32_master_factors():
     assert results[0]["norm"] == results[1]["norm"]
 
 
-def test_fp16_loss_scale():
-    from milora_megatron.train.gradients import LossScale
-
-    scale = LossScale(dynamic=True, initial=1024.0, growth_interval=2)
-    assert scale.update(True) and scale.scale == 1024.0
-    assert scale.update(True) and scale.scale == 2048.0  # two clean steps: doubled
-    assert not scale.update(False) and scale.scale == 1024.0  # overflow: step skipped, halved
-    restored = LossScale(dynamic=True)
-    restored.load_state_dict(scale.state_dict())
-    assert (restored.scale, restored.clean_steps) == (1024.0, 0)
-    constant = LossScale(dynamic=False)
-    assert constant.scale == 1.0 and constant.update(True) and not constant.update(False)
-
-
 def _dropout_streams():
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -169,29 +109,6 @@ def test_each_data_parallel_replica_draws_its_own_dropout():
     assert not torch.equal(by_dp[0][0][1], by_dp[1][0][1])
 
 
-def test_nvml_finds_the_gpu_by_uuid(monkeypatch):
-    """NVML ignores CUDA_VISIBLE_DEVICES: with GPUs 2,3 visible, torch's cuda:0 is NVML's
-    index 2, so the lookup must go by UUID."""
-    from milora_megatron.train import metrics
-
-    asked = []
-    fake = types.SimpleNamespace(nvmlInit=lambda: None,
-                                 nvmlDeviceGetHandleByUUID=lambda uuid: asked.append(uuid) or "handle",
-                                 nvmlDeviceGetHandleByIndex=lambda i: pytest.fail("looked up by index"))
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda i: types.SimpleNamespace(uuid="5b2c3a4d-0000-1111-2222-333344445555"))
-    metrics._nvml_handle.cache_clear()
-    try:
-        assert metrics._nvml_handle() == "handle"
-    finally:
-        metrics._nvml_handle.cache_clear()
-    assert asked == ["GPU-5b2c3a4d-0000-1111-2222-333344445555"]
-    assert metrics.nvml_uuid("MIG-abc") == "MIG-abc"
-
-
 def test_bf16_training_keeps_the_small_updates(tmp_path):
     """benchmarks/bench_bf16_factors.py at TP=2: in a bf16 model the fp32 master factors
     follow the fp32 run's update, every step moves them; factors kept in bf16 (the trainer
@@ -200,7 +117,7 @@ def test_bf16_training_keeps_the_small_updates(tmp_path):
     import os
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     out = tmp_path / "bf16.json"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           os.path.join(root, "benchmarks", "bench_bf16_factors.py"), "--steps", "20", "--json", str(out)],

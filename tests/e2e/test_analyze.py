@@ -17,7 +17,7 @@ from milora_megatron.analysis.forgetting import (SECTION, exact_match, final_num
 # peft's merge_and_unload calls a transformers API that warns about its own rename
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+from paths import ROOT  # noqa: E402
 TOOLS = os.path.join(ROOT, "tools", "analyze")
 F64 = torch.float64
 

@@ -1,5 +1,6 @@
 """The one HF <-> megatron mapping: projection table, fused layouts, names (no megatron needed)."""
 
+import pytest
 import torch
 
 from milora_megatron.mapping import HF_TARGETS, PAPER_TARGETS, PROJECTIONS, layer_layouts
@@ -78,3 +79,14 @@ def test_layer_conversion_is_exact_both_ways():
     assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
     assert layout_of("decoder.layers.7.mlp.linear_fc1.weight", layouts) is layouts["mlp.linear_fc1"]
     assert layout_of("decoder.layers.7.input_layernorm.weight", layouts) is None
+
+
+def test_tp_not_dividing_what_it_splits():
+    layouts = layer_layouts(heads=4, kv_heads=2, head_dim=2, ffn=10, hidden=6)
+    qkv, fc1 = layouts["self_attention.linear_qkv"], layouts["mlp.linear_fc1"]
+    with pytest.raises(ValueError, match=r"TP size 4 does not divide the 2 query groups"):
+        qkv.local(4)
+    with pytest.raises(ValueError, match=r"TP size 4 does not divide the 10 rows of gate_proj"):
+        fc1.shard(torch.zeros(20, 6), 4, 0)
+    with pytest.raises(ValueError, match=r"TP size 4 does not divide the 10 input columns"):
+        layouts["mlp.linear_fc2"].shard(torch.zeros(6, 10), 4, 0)

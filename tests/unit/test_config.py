@@ -1,0 +1,64 @@
+"""milora_megatron/train/config.py: the schema, its errors, --help, and the shipped configs."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from paths import ROOT
+
+LAUNCH = os.path.join(ROOT, "launch", "pretrain_milora.py")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.lrr=1"], "unknown config key 'train.lrr'; valid keys: model.load"),
+    (["train.iters=abc"], "train.iters must be an integer"),
+    (["parallel.sp=3"], "parallel.sp must be true or false"),
+    (["peft.method=dora"], "unknown"),
+    (["train.lr"], "is not key=value"),
+])
+def test_config_errors(overrides, message):
+    from milora_megatron.train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), overrides)
+
+
+def test_shipped_configs_load_with_the_contract_keys():
+    from milora_megatron.train.config import load_config, valid_keys
+
+    contract = ["model.load", "data.train", "data.valid", "data.template", "train.iters", "train.epochs",
+                "train.global_batch", "train.micro_batch", "train.seq_len", "train.lr", "train.warmup", "train.seed",
+                "parallel.tp", "parallel.pp", "parallel.sp", "peft.method", "peft.rank", "peft.alpha", "peft.dropout",
+                "peft.targets", "output.dir", "output.save_every"]
+    assert set(contract) <= set(valid_keys())
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        cfg = load_config(os.path.join(ROOT, "configs", name))
+        if name.startswith("llama3_8b"):
+            assert cfg.peft.rank in (32, 64) and cfg.train.lr == 3e-4 and cfg.train.warmup == 100
+            assert cfg.train.global_batch == 16 and cfg.train.epochs == 3 and cfg.peft.dropout == 0.05
+    # numbers as users type them on the command line (YAML alone would read 3e-4 as a string)
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), ["train.lr=3e-4", "peft.dropout=0", "train.min_lr=1E-6"])
+    assert (cfg.train.lr, cfg.peft.dropout, cfg.train.min_lr) == (3e-4, 0.0, 1e-6)
+    cli = subprocess.run([sys.executable, LAUNCH, "--help"], capture_output=True, text=True, check=True).stdout
+    for key in contract:
+        assert key in cli
+    bad = subprocess.run([sys.executable, LAUNCH, "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "x.y=1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "valid keys" in bad.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.spec=te", "transformer-engine's spec"),
+    ("model.dtype=fp8", "model.dtype must be one of"),
+    ("model.device=tpu", "model.device must be one of"),
+    ("train.recompute=some", "train.recompute must be one of"),
+])
+def test_config_refuses_what_cannot_run(override, message):
+    from milora_megatron.train.config import ConfigError, load_config
+
+    tiny = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
+    with pytest.raises(ConfigError, match=message):
+        load_config(tiny, [override])
+    cfg = load_config(tiny, ["model.dtype=bf16", "model.device=cpu", "train.recompute=full"])
+    assert (cfg.model.dtype, cfg.model.device, cfg.train.recompute) == ("bf16", "cpu", "full")
