@@ -10,9 +10,30 @@ save a checkpoint and exit cleanly (what Slurm sends before a time limit or pree
 
 import argparse
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+def _stop_with_the_launcher() -> None:
+    """torchrun starts its workers in sessions of their own, so a killed launcher would leave
+    them training (and a rerun would train beside them). Ask the kernel to send this worker
+    SIGTERM when its parent dies (Linux): the trainer then saves a checkpoint and exits."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _say(text: str) -> None:
+    """One line, from one rank (every rank meets the same error; the first one speaks)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"pretrain_milora: {text}", file=sys.stderr, flush=True)
+
 
 def main(argv=None) -> int:
     from milora_megatron.train.config import ConfigError, describe, load_config
@@ -25,16 +46,27 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as exc:
-        print(f"pretrain_milora: config error: {exc}", file=sys.stderr)
+        _say(f"config error: {exc}")
         return 2
     if not cfg.model.load:
-        print("pretrain_milora: config error: model.load is not set (a checkpoint from tools/convert/hf_to_megatron.py)",
-              file=sys.stderr)
+        _say("config error: model.load is not set (a checkpoint from tools/convert/hf_to_megatron.py)")
         return 2
+    if "LOCAL_RANK" in os.environ:
+        _stop_with_the_launcher()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from milora_megatron.train.loop import run
+    from milora_megatron.train.run_folder import RunFolderError
 
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except (ValueError, KeyError, OSError, RunFolderError) as exc:  # what a user can fix: one line, no traceback
+        _say(f"error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}")
+        return 2
+    except SystemExit as exc:  # a stop the trainer decided (non-finite loss, diverged factors)
+        if isinstance(exc.code, str):
+            _say(exc.code)
+            return 1
+        raise
     import torch.distributed as dist
 
     if dist.get_rank() == 0:

@@ -1,19 +1,37 @@
 #!/usr/bin/env python
-"""torchrun that leaves SIGUSR1 to its workers.
+"""torchrun that leaves SIGUSR1 to its workers and turns SIGTERM into a clean stop.
 
 Slurm's ``--signal=USR1@120`` signals every process of the job step: the torchrun launcher
 and the trainer workers alike. torchrun has no USR1 handler, so the default action would kill
 the launcher (and with it the workers, mid-checkpoint). Here the launcher ignores USR1; the
 workers install their own handler (save a checkpoint, exit 0) and torchrun then exits 0.
 An ignored disposition is inherited across exec, so a worker signalled before it installed
-its handler keeps running instead of dying. Arguments are exactly torchrun's.
+its handler keeps running instead of dying.
+
+SIGTERM to the launcher alone (a ``kill`` of the launcher, a scheduler stopping it) is passed
+on to the workers, which save and exit 0, and the launcher then exits 0; plain torchrun would
+raise and exit 1 while tearing the workers down. Arguments are exactly torchrun's.
 """
 
+import os
 import signal
 import sys
 
 from torch.distributed.run import main
 
+
+def _forward_to_workers(signum, _frame):
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.send_signal(signum)
+        except psutil.Error:
+            pass
+
+
 if __name__ == "__main__":
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _forward_to_workers)
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"  # SIGTERM stays ours
     sys.exit(main())

@@ -41,6 +41,8 @@ class AdapterConfig:
             raise ValueError("peft.targets is empty")
         if self.rank < 1:
             raise ValueError(f"peft.rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"peft.alpha must be > 0 (the scale is alpha / rank), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"peft.dropout must be in [0, 1), got {self.dropout}")
         if self.residual not in ("branch", "merge"):

@@ -1,10 +1,12 @@
 """Adapter checkpoints of a training run: the trained factors (and the initial B0/A0 the
 method subtracts), unsharded, under their Hugging Face module names.
 
-A run folder holds ``checkpoints/step_NNNNNNN/`` and a ``checkpoints/latest`` pointer. Each
-pipeline stage's first tensor-parallel rank writes ``adapter-stageSSS.safetensors``; only
-r-wide factors are gathered over TP to do it. ``adapter.json`` records the method, the step
-and the base checkpoint (path and fingerprint) the run trained on.
+A run folder holds ``checkpoints/step_NNNNNNN/`` and a ``checkpoints/latest`` pointer (a
+hint: readers take the newest complete checkpoint). Each pipeline stage's first
+tensor-parallel rank writes ``adapter-stageSSS.safetensors``; only r-wide factors are
+gathered over TP to do it. ``adapter.json`` records the method, the step, the base
+checkpoint (path and fingerprint) the run trained on, and the size and sha256 of every
+file in the folder.
 """
 
 from __future__ import annotations
@@ -12,27 +14,50 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 from dataclasses import asdict
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import PARTIAL_SUFFIX, atomic_directory, write_text_atomic
+from .atomic import PARTIAL_SUFFIX, REPLACED_SUFFIX, atomic_directory, safetensors_header, sha256_file, write_text_atomic
 
 FORMAT = "milora-megatron-adapter"
-VERSION = 1
+VERSION = 2  # 2: adapter.json records every file's size and sha256
 META = "adapter.json"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 FACTORS = ("lora_A", "lora_B", "lora_A0", "lora_B0")
 
 
+# A trained factor entry beyond this (times its initial magnitude, at least 1) belongs to a
+# diverged run: the weights it adapts are O(1), and AdamW moves an entry by ~lr per step.
+FACTOR_LIMIT = 1e4
+
+
+def diverged(factors: dict[str, torch.Tensor]) -> list[str]:
+    """The factors (``<module>.lora_A`` ... keys, A0/B0 beside them when the method has them)
+    that are not finite or have exploded against their initial values."""
+    bad = []
+    for key, t in factors.items():
+        if not key.endswith(("lora_A", "lora_B")):
+            continue
+        t = t.detach()
+        initial = factors.get(key + "0")
+        scale = max(1.0, float(initial.detach().abs().max())) if initial is not None and initial.numel() else 1.0
+        if not bool(torch.isfinite(t).all()):
+            bad.append(f"{key} is not finite")
+        elif t.numel() and float(t.abs().max()) > FACTOR_LIMIT * scale:
+            bad.append(f"{key} reached {float(t.abs().max()):.3g}")
+    return bad
+
+
 def step_dir(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, CHECKPOINTS, f"step_{step:07d}")
 
 
-def _local_factors(targets):
+def local_factors(targets):
     """(name, this rank's tensor, TP split dim or None) for every factor of ``targets``."""
     for t in targets:
         for factor in FACTORS:
@@ -48,7 +73,7 @@ def gather_factors(targets, tp_group=None) -> dict[str, torch.Tensor]:
 
     tp = tp_group.size() if tp_group is not None else 1
     out = {}
-    for key, local, dim in _local_factors(targets):
+    for key, local, dim in local_factors(targets):
         local = local.detach().float().contiguous()
         if dim is not None and tp > 1:
             parts = [torch.empty_like(local) for _ in range(tp)]
@@ -61,7 +86,7 @@ def gather_factors(targets, tp_group=None) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def scatter_factors(targets, tensors: dict[str, torch.Tensor], tp_rank: int = 0, tp_size: int = 1) -> None:
     """Load full factors (from ``gather_factors``) into this rank's shards."""
-    for key, local, dim in _local_factors(targets):
+    for key, local, dim in local_factors(targets):
         if key not in tensors:
             raise KeyError(f"adapter checkpoint lacks {key}")
         full = tensors[key]
@@ -76,7 +101,8 @@ def save_adapter_checkpoint(path: str, targets, peft_config, base, step: int, ex
     """Write one checkpoint folder of a (possibly distributed) run atomically; collective over all ranks.
 
     ``base`` is the ``BaseCheckpoint`` trained on; ``extra_writer(tmp_dir)``, if given, lets
-    every rank add its own files (optimizer, RNG and data state) before the commit.
+    every rank add its own files (optimizer, RNG and data state) before the commit and
+    returns their names.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -93,24 +119,43 @@ def save_adapter_checkpoint(path: str, targets, peft_config, base, step: int, ex
     )
 
 
+def _file_record(folder: str, name: str) -> dict:
+    full = os.path.join(folder, name)
+    return {"bytes": os.path.getsize(full), "sha256": sha256_file(full)}
+
+
 def write_adapter_checkpoint(path: str, factors: dict[str, torch.Tensor], peft_config, base, step: int,
                              stage: int = 0, stages: int = 1, writes_factors: bool = True, group=None,
                              extra_writer=None) -> None:
     """The checkpoint folder from full factors (this stage's), then ``latest`` pointed at it.
-    With a ``group``, every member calls it; its first rank writes the metadata and the pointer."""
+    With a ``group``, every member calls it; its first rank writes the metadata and the pointer.
+
+    Every rank checksums the files it wrote (in parallel); the first rank records them all
+    in ``adapter.json``, which is written last: a folder with a readable ``adapter.json``
+    whose files match their checksums is a complete checkpoint.
+    """
     import torch.distributed as dist
 
     lead = group is None or dist.get_rank(group) == 0
     with atomic_directory(path, overwrite=True, group=group) as tmp:
+        written = []
         if writes_factors:
-            save_file(factors, os.path.join(tmp, f"adapter-stage{stage:03d}.safetensors"))
+            name = f"adapter-stage{stage:03d}.safetensors"
+            save_file(factors, os.path.join(tmp, name))
+            written.append(name)
         if extra_writer is not None:
-            extra_writer(tmp)
+            written += extra_writer(tmp) or []
+        mine = {name: _file_record(tmp, name) for name in written}
+        if group is not None:
+            everyone = [None] * dist.get_world_size(group)
+            dist.all_gather_object(everyone, mine, group=group)
+            mine = {k: v for records in everyone for k, v in records.items()}
         if lead:
             meta = {
                 "format": FORMAT, "version": VERSION, "step": step, "peft": asdict(peft_config),
                 "base": {"path": base.path, "fingerprint": base.fingerprint},
                 "stages": stages, "files": [f"adapter-stage{s:03d}.safetensors" for s in range(stages)],
+                "checksums": dict(sorted(mine.items())),
             }
             with open(os.path.join(tmp, META), "w") as f:
                 json.dump(meta, f, indent=2, sort_keys=True)
@@ -121,38 +166,91 @@ def write_adapter_checkpoint(path: str, factors: dict[str, torch.Tensor], peft_c
         dist.barrier(group=group)
 
 
+def _step_of(folder: str) -> int:
+    return int(os.path.basename(folder).split(".")[0][len("step_"):])
+
+
+def candidates(run_dir: str) -> list[str]:
+    """A run's checkpoint folders, newest step first. ``step_N.replaced`` (the previous
+    copy of a step, kept while a re-save renames its successor into place) comes right
+    after ``step_N``; interrupted ``.partial`` folders are never candidates."""
+    found = [p for p in glob.glob(os.path.join(run_dir, CHECKPOINTS, "step_*"))
+             if os.path.isdir(p) and (p.endswith(REPLACED_SUFFIX) or "." not in os.path.basename(p))]
+    return sorted(found, key=lambda p: (-_step_of(p), p.endswith(REPLACED_SUFFIX)))
+
+
+def newest_complete(run_dir: str, verify: bool = True, required=()) -> tuple["AdapterCheckpoint | None", list[str]]:
+    """The newest checkpoint of a run that is complete (and, with ``verify``, matches its
+    checksums), and why each newer one was passed over. ``required``: more file names a
+    checkpoint must hold (e.g. every rank's training state). The ``latest`` pointer is only
+    a hint: a deleted pointer or a damaged newest checkpoint does not hide the older ones."""
+    skipped = []
+    for folder in candidates(run_dir):
+        try:
+            ckpt = AdapterCheckpoint(folder, verify=verify)
+            missing = [name for name in required if not os.path.isfile(os.path.join(ckpt.path, name))]
+            if missing:
+                raise FileNotFoundError(f"lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+            return ckpt, skipped
+        except (OSError, ValueError) as exc:
+            skipped.append(f"{os.path.basename(folder)}: {exc}")
+    return None, skipped
+
+
 def resolve_checkpoint_dir(path: str) -> str:
-    """A checkpoint folder from itself or from a run folder (its latest checkpoint)."""
+    """A checkpoint folder from itself or from a run folder (its newest complete checkpoint)."""
     path = os.path.abspath(path)
     if path.endswith(PARTIAL_SUFFIX):
         raise ValueError(f"{path} is an interrupted checkpoint (never completed)")
     if os.path.isfile(os.path.join(path, META)):
         return path
+    if os.path.basename(path).startswith("step_"):
+        raise FileNotFoundError(f"{path} has no {META} (interrupted or damaged)")
     ckpts = os.path.join(path, CHECKPOINTS)
     if not os.path.isdir(ckpts):
         raise FileNotFoundError(f"{path} is neither a base checkpoint, an adapter checkpoint nor a run folder")
-    latest = os.path.join(ckpts, LATEST)
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            chosen = os.path.join(ckpts, f.read().strip())
-        if not os.path.isfile(os.path.join(chosen, META)):
-            raise ValueError(f"{latest} names {chosen}, which is missing or incomplete (interrupted checkpoint)")
-        return chosen
-    partial = glob.glob(os.path.join(ckpts, "*" + PARTIAL_SUFFIX))
-    hint = f" (only interrupted ones: {[os.path.basename(p) for p in partial]})" if partial else ""
-    raise FileNotFoundError(f"run folder {path} has no checkpoint{hint}")
+    chosen, skipped = newest_complete(path, verify=False)
+    if chosen is None:
+        partial = glob.glob(os.path.join(ckpts, "*" + PARTIAL_SUFFIX))
+        hint = f" (only interrupted ones: {[os.path.basename(p) for p in partial]})" if partial else ""
+        damaged = f"; passed over: {'; '.join(skipped)}" if skipped else ""
+        raise FileNotFoundError(f"run folder {path} has no complete checkpoint{hint}{damaged}")
+    if skipped:
+        print(f"warning: using {chosen.path}; newer checkpoints are incomplete: {'; '.join(skipped)}", file=sys.stderr)
+    return chosen.path
 
 
 class AdapterCheckpoint:
-    def __init__(self, path: str):
+    """A complete adapter checkpoint: every listed file present with its recorded size (and,
+    with ``verify``, checksum). Version-1 folders (before checksums) are read unverified."""
+
+    def __init__(self, path: str, verify: bool = False):
         self.path = resolve_checkpoint_dir(path)
-        with open(os.path.join(self.path, META)) as f:
-            self.meta = json.load(f)
-        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
-            raise ValueError(f"{self.path}/{META}: not a {FORMAT} v{VERSION} checkpoint")
+        try:
+            with open(os.path.join(self.path, META)) as f:
+                self.meta = json.load(f)
+        except ValueError as exc:
+            raise ValueError(f"{self.path}/{META} is not valid JSON ({exc})") from exc
+        if self.meta.get("format") != FORMAT or self.meta.get("version") not in (1, VERSION):
+            raise ValueError(f"{self.path}/{META}: not a {FORMAT} v1/v{VERSION} checkpoint")
         for name in self.meta["files"]:
             if not os.path.isfile(os.path.join(self.path, name)):
                 raise FileNotFoundError(f"adapter checkpoint {self.path} lacks {name} (interrupted or damaged)")
+        for name, record in self.meta.get("checksums", {}).items():
+            full = os.path.join(self.path, name)
+            if not os.path.isfile(full):
+                raise FileNotFoundError(f"adapter checkpoint {self.path} lacks {name} (interrupted or damaged)")
+            if os.path.getsize(full) != record["bytes"]:
+                raise ValueError(f"{full} has {os.path.getsize(full)} bytes, expected {record['bytes']} (truncated?)")
+            if name.endswith(".safetensors"):
+                safetensors_header(full)
+            if verify and sha256_file(full) != record["sha256"]:
+                raise ValueError(f"{full} does not match its checksum (damaged since it was written)")
+        self.verified = verify and "checksums" in self.meta
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
 
     @property
     def peft(self) -> dict:

@@ -12,6 +12,7 @@ import shutil
 import struct
 
 PARTIAL_SUFFIX = ".partial"
+REPLACED_SUFFIX = ".replaced"
 
 
 def _fsync_dir(path: str) -> None:
@@ -61,8 +62,17 @@ def atomic_directory(final: str, overwrite: bool = False, group=None):
     if lead:
         _fsync_tree(tmp)
         if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            # never delete the old copy before the new one is in place: it is set aside,
+            # the new one renamed in, then the old one removed. A kill between the two
+            # renames leaves FINAL.replaced, complete, which readers accept.
+            aside = final + REPLACED_SUFFIX
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            _fsync_dir(os.path.dirname(final))
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         _fsync_dir(os.path.dirname(final))
     if group is not None:
         dist.barrier(group=group)

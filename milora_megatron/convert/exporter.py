@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..checkpoint.adapters import AdapterCheckpoint
+from ..checkpoint.adapters import AdapterCheckpoint, diverged
 from ..checkpoint.atomic import atomic_directory
 from ..checkpoint.base import DTYPES, BaseCheckpoint, is_base_checkpoint
 from .hf_folder import INDEX_NAME
@@ -29,7 +29,11 @@ def open_checkpoint(path: str, verify: bool = True) -> tuple[BaseCheckpoint, Ada
         if verify:
             base.check_files(checksums=True)
         return base, None
-    adapter = AdapterCheckpoint(path)
+    adapter = AdapterCheckpoint(path, verify=verify)
+    bad = diverged(adapter.tensors())
+    if bad:
+        raise ValueError(f"refusing to export {adapter.path}: its factors diverged ({'; '.join(bad[:3])}); "
+                         "export an earlier checkpoint (give its step folder)")
     return adapter.open_base(verify=verify), adapter
 
 

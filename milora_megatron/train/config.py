@@ -72,6 +72,9 @@ class OutputConfig:
                                   "checkpoints/latest")
     save_every: int = option(0, "steps between checkpoints (0: only at the end)")
     keep_last: int = option(2, "checkpoints kept (the newest ones)")
+    fresh_start: bool = option(False, "start from step 0 although output.dir holds a run; the old run is moved to "
+                                      "output.dir/previous-<time>/ (without it, a rerun resumes, and a folder whose "
+                                      "checkpoints are all unusable is refused)")
 
 
 @dataclass
@@ -182,7 +185,11 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     data: dict = {}
     if path:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]} "
+                                  f"({' '.join(str(exc).split())[-80:]})") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:
@@ -211,6 +218,11 @@ def validate(cfg: RunConfig) -> None:
         (cfg.model.device in DEVICES, f"model.device must be one of {list(DEVICES)}, got {cfg.model.device!r}"),
         (cfg.model.dtype in ("auto", *DTYPES), f"model.dtype must be one of {['auto', *DTYPES]}, got {cfg.model.dtype!r}"),
         (t.recompute in RECOMPUTE, f"train.recompute must be one of {list(RECOMPUTE)}, got {t.recompute!r}"),
+        (t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}"),
+        (t.eval_batches >= 1, f"train.eval_batches must be >= 1, got {t.eval_batches}"),
+        (t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}"),
+        (t.clip_grad >= 0, f"train.clip_grad must be >= 0 (0: off), got {t.clip_grad}"),
+        (t.min_lr >= 0 and t.weight_decay >= 0, "train.min_lr and train.weight_decay must be >= 0"),
         (cfg.output.save_every >= 0, "output.save_every must be >= 0"),
         (cfg.output.keep_last >= 1, "output.keep_last must be >= 1"),
     ]

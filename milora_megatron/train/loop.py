@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from ..adapters.apply import AdaptedTarget, apply_adapters
-from ..checkpoint.adapters import AdapterCheckpoint, save_adapter_checkpoint, scatter_factors, step_dir
+from ..checkpoint.adapters import (AdapterCheckpoint, diverged, local_factors, save_adapter_checkpoint, scatter_factors,
+                                   step_dir)
 from ..checkpoint.atomic import write_json_atomic
 from ..checkpoint.base import BaseCheckpoint
 from ..device import all_reduce_scalars, resolve_device, resolve_dtype
@@ -36,6 +37,7 @@ from .evaluation import eval_micro_batches, forgetting_loss, validation_loss
 from .gradients import LossScale, clip_, global_grad_norm, reduce_over_data_parallel, unscale_
 from .metrics import MetricsLog
 from .parallel import ParallelGroups, init_distributed, seed_per_replica
+from .run_folder import prepare
 from .pipeline import masked_loss_step, run_schedule, scored_tokens, sums_from_last_stage
 from .schedule import lr_at
 from .state import load_state, prune, set_rng_state, state_writer
@@ -60,10 +62,6 @@ def load_data(cfg: RunConfig, base: BaseCheckpoint) -> Data:
         import datasets
 
         datasets.disable_progress_bars()
-    if not first_on_node:
-        dist.barrier()
-    tok = AutoTokenizer.from_pretrained(base.hf_side_dir)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     t, d = cfg.train, cfg.data
 
     def samples(path):
@@ -77,10 +75,23 @@ def load_data(cfg: RunConfig, base: BaseCheckpoint) -> Data:
                   f"train.seq_len={t.seq_len} and are skipped", flush=True)
         return tokens[keep], masks[keep]
 
-    forgetting = text_samples(d.forgetting, tok, t.seq_len, max_samples=t.eval_batches * t.micro_batch) if d.forgetting else None
-    data = Data(samples(d.train), samples(d.valid) if d.valid else None, forgetting)
+    def read() -> Data:
+        forgetting = (text_samples(d.forgetting, tok, t.seq_len, max_samples=t.eval_batches * t.micro_batch)
+                      if d.forgetting else None)
+        return Data(samples(d.train), samples(d.valid) if d.valid else None, forgetting)
+
+    tok = AutoTokenizer.from_pretrained(base.hf_side_dir)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if not first_on_node:
+        dist.barrier()
+    try:
+        data, error = read(), None
+    except Exception as exc:  # the node's other ranks meet the same error after the barrier
+        data, error = None, exc
     if first_on_node:
         dist.barrier()
+    if error is not None:
+        raise error
     return data
 
 
@@ -106,7 +117,7 @@ class Trainer:
     throughput benchmark and the GPU check pass random weights and tokens instead."""
 
     def __init__(self, cfg: RunConfig, groups: ParallelGroups, device: torch.device, base=None,
-                 data: Data | None = None, stop: StopSignals | None = None):
+                 data: Data | None = None, stop: StopSignals | None = None, folder: tuple | None = None):
         self.cfg, self.groups, self.device = cfg, groups, device
         self.rank = dist.get_rank()
         g, t = groups, cfg.train
@@ -121,6 +132,10 @@ class Trainer:
         shape = self.base.shape
         if t.seq_len > shape.max_seq:
             raise ValueError(f"train.seq_len {t.seq_len} exceeds the model's max_position_embeddings {shape.max_seq}")
+        shape.check_parallel(g.tp_size, g.pp_size)
+        # cheap checks first: the run folder (lock, resume plan) and the data, then the model
+        self.plan, self.lock = folder if folder is not None else prepare(cfg, dist.get_world_size())
+        self.data = data if data is not None else load_data(cfg, self.base)
         start = time.perf_counter()
         mcfg = transformer_config(shape, tp=g.tp_size, pp=g.pp_size, sp=cfg.parallel.sp, dtype=self.dtype,
                                   device=device, recompute=t.recompute, perform_initialization=False)
@@ -135,7 +150,6 @@ class Trainer:
                                            fused=device.type == "cuda")
         self.loss_scale = LossScale(dynamic=self.dtype == torch.float16)
         seed_per_replica(t.seed, g)
-        self.data = data if data is not None else load_data(cfg, self.base)
         self.order = SampleOrder(len(self.data.train[0]), t.seed)
         n = len(self.data.train[0])
         self.total = t.iters if t.iters >= 0 else math.ceil(t.epochs * n / t.global_batch)
@@ -144,14 +158,11 @@ class Trainer:
 
     # ---- bookkeeping -------------------------------------------------------------------
     def resume_or_start(self) -> None:
-        os.makedirs(self.out, exist_ok=True)
-        latest = None
-        try:
-            latest = AdapterCheckpoint(self.out)
-        except FileNotFoundError:
-            pass
+        """Load the checkpoint the run-folder plan chose, or record a fresh start."""
         g = self.groups
-        if latest is not None:
+        notes = self.plan["notes"]
+        if self.plan["resume"] is not None:
+            latest = AdapterCheckpoint(self.plan["resume"])  # verified on rank 0 by the plan
             if latest.meta["base"]["fingerprint"] != self.base.fingerprint:
                 raise ValueError(f"{self.out} was trained on another base checkpoint ({latest.meta['base']['path']})")
             scatter_factors(self.targets, latest.tensors(), g.tp_rank, g.tp_size)
@@ -160,16 +171,29 @@ class Trainer:
             self.step, self.position = state["step"], state["position"]
             self.loss_scale.load_state_dict(state.get("loss_scale", self.loss_scale.state_dict()))
             set_rng_state(state["rng"])
-            self.metrics.log({"event": "resumed", "from": latest.path, "step": self.step})
-        elif self.rank == 0:
+            self.metrics.log({"event": "resumed", "from": latest.path, "step": self.step, **({"notes": notes} if notes else {})})
+            return
+        if self.rank == 0:
             write_json_atomic(os.path.join(self.out, "config.json"), self.cfg.to_dict())
             write_json_atomic(os.path.join(self.out, "run.json"), {
                 "base": {"path": self.base.path, "fingerprint": self.base.fingerprint},
                 "world_size": dist.get_world_size(), "tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size,
                 "total_steps": self.total, "device": self.device.type, "dtype": str(self.dtype).replace("torch.", ""),
             })
+        if notes:
+            self.metrics.log({"event": "started", "notes": notes})
+
+    def _diverged(self) -> list[str]:
+        """This rank's factors that are not finite or have exploded (see checkpoint.adapters.diverged)."""
+        return diverged({key: local for key, local, _ in local_factors(self.targets)})
 
     def save(self) -> str:
+        """A checkpoint of the current step, unless a factor has diverged anywhere (then
+        FloatingPointError: a checkpoint on the way to a divergence is not a good one)."""
+        bad = self._diverged()
+        if all_reduce_scalars([1.0 if bad else 0.0], op=dist.ReduceOp.MAX)[0] > 0:
+            raise FloatingPointError(f"adapter factors diverged at step {self.step} "
+                                     f"({'; '.join(bad[:3]) if bad else 'on another rank'}): not saved")
         path = step_dir(self.out, self.step)
         writer = state_writer(self.rank, self.optimizer, self.step, self.position,
                               extra={"loss_scale": self.loss_scale.state_dict()})
@@ -178,6 +202,10 @@ class Trainer:
             prune(self.out, self.cfg.output.keep_last)
         dist.barrier()
         return path
+
+    def _heartbeat(self) -> None:
+        if self.lock is not None and time.time() - self.lock.record["heartbeat"] > 30:
+            self.lock.heartbeat()
 
     # ---- one step ----------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -238,6 +266,13 @@ class Trainer:
         return self.stop is not None and self.stop.agreed()
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run(self) -> dict:
         self.resume_or_start()
         t, o = self.cfg.train, self.cfg.output
         if self.total == 0:
@@ -251,27 +286,28 @@ class Trainer:
                   f"{self.num_micro} micro-batches of {t.micro_batch} per step; model and adapters ready in "
                   f"{self.init_s:.1f} s)", flush=True)
         last = {}
-        while self.step < self.total:
-            try:
+        try:
+            while self.step < self.total:
                 last = self.train_step()
-            except FloatingPointError as exc:
-                self.metrics.log({"event": "stopped", "reason": str(exc), "step": self.step})
-                raise SystemExit(f"stopping: {exc}; the last good checkpoint is kept in {self.out}")
-            if self.step % t.log_every == 0 or self.step == self.total:
-                self.metrics.log(last)
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total:
-                self.evaluate()
-            if o.save_every and self.step % o.save_every == 0 and self.step < self.total:
-                self.save()
-            if self._stop_requested():
-                path = self.save()
-                self.metrics.log({"event": "stopped", "reason": f"received {self.stop.received or 'a stop signal'}",
-                                  "step": self.step, "checkpoint": path})
-                if self.rank == 0:
-                    print(f"saved {path} after a stop signal; rerun the same command to resume", flush=True)
-                return {"step": self.step, "checkpoint": path, "stopped": True}
-        self.evaluate()
-        path = self.save()
+                if self.step % t.log_every == 0 or self.step == self.total:
+                    self.metrics.log(last)
+                    self._heartbeat()
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total:
+                    self.evaluate()
+                if o.save_every and self.step % o.save_every == 0 and self.step < self.total:
+                    self.save()
+                if self._stop_requested():
+                    path = self.save()
+                    self.metrics.log({"event": "stopped", "reason": f"received {self.stop.received or 'a stop signal'}",
+                                      "step": self.step, "checkpoint": path})
+                    if self.rank == 0:
+                        print(f"saved {path} after a stop signal; rerun the same command to resume", flush=True)
+                    return {"step": self.step, "checkpoint": path, "stopped": True}
+            self.evaluate()
+            path = self.save()
+        except FloatingPointError as exc:
+            self.metrics.log({"event": "stopped", "reason": str(exc), "step": self.step})
+            raise SystemExit(f"stopping: {exc}; the last good checkpoint is kept in {self.out}")
         self.metrics.log({"event": "done", "step": self.step, "checkpoint": path})
         return {"step": self.step, "checkpoint": path, "loss": last.get("loss")}
 
@@ -285,4 +321,9 @@ def setup(cfg: RunConfig) -> tuple[torch.device, ParallelGroups]:
 def run(cfg: RunConfig) -> dict:
     stop = StopSignals()  # first: a stop request during the (long) init still saves
     device, groups = setup(cfg)
-    return Trainer(cfg, groups, device, stop=stop).run()
+    folder = prepare(cfg, dist.get_world_size())  # the run folder's lock and plan, before any expensive work
+    try:
+        return Trainer(cfg, groups, device, stop=stop, folder=folder).run()
+    finally:
+        if folder[1] is not None:
+            folder[1].release()

@@ -14,8 +14,9 @@ import torch
 from ..checkpoint.adapters import CHECKPOINTS, LATEST, AdapterCheckpoint
 
 
-def _rank_file(folder: str, rank: int) -> str:
-    return os.path.join(folder, f"train_state_rank{rank:05d}.pt")
+def rank_file(rank: int) -> str:
+    """The name of a rank's training-state file inside a checkpoint folder."""
+    return f"train_state_rank{rank:05d}.pt"
 
 
 def rng_state() -> dict:
@@ -42,15 +43,16 @@ def set_rng_state(state: dict) -> None:
 def state_writer(rank: int, optimizer, step: int, position: int, extra: dict | None = None):
     """An ``extra_writer`` for ``save_adapter_checkpoint``: this rank's training state."""
 
-    def write(folder: str) -> None:
+    def write(folder: str) -> list[str]:
         torch.save({"optimizer": optimizer.state_dict(), "step": step, "position": position,
-                    "rng": rng_state(), **(extra or {})}, _rank_file(folder, rank))
+                    "rng": rng_state(), **(extra or {})}, os.path.join(folder, rank_file(rank)))
+        return [rank_file(rank)]
 
     return write
 
 
 def load_state(ckpt: AdapterCheckpoint, rank: int) -> dict:
-    path = _rank_file(ckpt.path, rank)
+    path = os.path.join(ckpt.path, rank_file(rank))
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{ckpt.path} has no training state for rank {rank}: resume needs the same world size "
@@ -65,7 +67,7 @@ def prune(run_dir: str, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints (never the one ``latest`` names)."""
     root = os.path.join(run_dir, CHECKPOINTS)
     latest = open(os.path.join(root, LATEST)).read().strip() if os.path.isfile(os.path.join(root, LATEST)) else None
-    done = sorted(p for p in glob.glob(os.path.join(root, "step_*")) if not p.endswith(".partial"))
+    done = sorted(p for p in glob.glob(os.path.join(root, "step_*")) if "." not in os.path.basename(p))
     for path in done[:-keep_last]:
         if os.path.basename(path) != latest:
             shutil.rmtree(path, ignore_errors=True)

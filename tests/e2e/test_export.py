@@ -97,14 +97,17 @@ def test_export_errors(trained, tmp_path):
 
     root, _, _ = trained
     (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="has no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="has no complete checkpoint"):
         export_merged(str(tmp_path / "empty_run"), str(tmp_path / "o1"), progress=False)
     (tmp_path / "empty_run" / "checkpoints" / "step_0000005.partial").mkdir()
     with pytest.raises(FileNotFoundError, match="only interrupted ones"):
         export_merged(str(tmp_path / "empty_run"), str(tmp_path / "o1"), progress=False)
-    (tmp_path / "empty_run" / "checkpoints" / LATEST).write_text("step_0000005\n")
-    with pytest.raises(ValueError, match="interrupted checkpoint"):
+    (tmp_path / "empty_run" / "checkpoints" / LATEST).write_text("step_0000005\n")  # a pointer is only a hint
+    with pytest.raises(FileNotFoundError, match="only interrupted ones"):
         export_merged(str(tmp_path / "empty_run"), str(tmp_path / "o1"), progress=False)
+    with pytest.raises(ValueError, match="interrupted checkpoint"):
+        export_merged(str(tmp_path / "empty_run" / "checkpoints" / "step_0000005.partial"), str(tmp_path / "o1"),
+                      progress=False)
     with pytest.raises(ValueError, match="drop --adapter-only"):
         export_peft(str(root / "ckpt"), str(tmp_path / "o2"))
 
