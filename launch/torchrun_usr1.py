@@ -10,7 +10,9 @@ its handler keeps running instead of dying.
 
 SIGTERM to the launcher alone (a ``kill`` of the launcher, a scheduler stopping it) is passed
 on to the workers, which save and exit 0, and the launcher then exits 0; plain torchrun would
-raise and exit 1 while tearing the workers down. Arguments are exactly torchrun's.
+raise and exit 1 while tearing the workers down. A worker failure ends in one line rather
+than torchrun's report (the trainer has already printed its one-line reason). Arguments
+are exactly torchrun's.
 """
 
 import os
@@ -31,7 +33,15 @@ def _forward_to_workers(signum, _frame):
 
 
 if __name__ == "__main__":
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _forward_to_workers)
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"  # SIGTERM stays ours
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ChildFailedError as exc:  # the workers said why; one line instead of torchrun's report
+        codes = sorted({f.exitcode for f in exc.failures.values()})
+        print(f"torchrun: {len(exc.failures)} worker(s) failed (exit code {', '.join(map(str, codes))}); "
+              "their message is above", file=sys.stderr)
+        sys.exit(1)

@@ -85,6 +85,16 @@ class BaseCheckpoint:
             if checksums and sha256_file(full) != info["sha256"]:
                 raise ValueError(f"base checkpoint file {full} changed since conversion (sha256 mismatch)")
 
+    def check_share(self, rank: int, world: int) -> str | None:
+        """Verify the checksums of one rank's share of the files (file i on rank i mod world),
+        so a distributed run reads the whole checkpoint once; the error, if any."""
+        mine = set(sorted(self.manifest["files"])[rank::world])
+        try:
+            self.check_files(checksums=True, files=mine)
+        except (OSError, ValueError) as exc:
+            return str(exc)
+        return None
+
     def tensor(self, name: str) -> torch.Tensor:
         with safe_open(os.path.join(self.path, self.weight_map[name]), framework="pt") as f:
             return f.get_tensor(name)

@@ -63,6 +63,9 @@ class HFFolder:
         code = self.headers[self.weight_map[name]][name]["dtype"]
         return {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}.get(code, code)
 
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self.headers[self.weight_map[name]][name]["shape"])
+
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise KeyError(f"{self.path} has no tensor {name}")

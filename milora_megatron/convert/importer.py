@@ -21,6 +21,7 @@ from ..mapping.llama import (
     FINAL_NORM,
     HF_LAYER_NAMES,
     LM_HEAD,
+    hf_layer_shapes,
     hf_layer_prefix,
     hf_to_megatron_layer,
     megatron_layer_prefix,
@@ -29,15 +30,21 @@ from ..mapping.llama import (
 log = logging.getLogger(__name__)
 
 
-def expected_hf_names(shape: LlamaShape) -> list[str]:
-    names = [EMBEDDING[0], FINAL_NORM[0]] + ([] if shape.tied else [LM_HEAD[0]])
+def expected_hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
+    """Every tensor the config implies, with its shape."""
+    out = {EMBEDDING[0]: (shape.vocab, shape.hidden), FINAL_NORM[0]: (shape.hidden,)}
+    if not shape.tied:
+        out[LM_HEAD[0]] = (shape.vocab, shape.hidden)
+    layer = hf_layer_shapes(shape.heads, shape.kv_heads, shape.kv_channels, shape.ffn, shape.hidden)
     for i in range(shape.layers):
-        names += [hf_layer_prefix(i) + n for n in HF_LAYER_NAMES]
-    return names
+        out.update({hf_layer_prefix(i) + n: s for n, s in layer.items()})
+    return out
 
 
 def check_hf_tensors(hf: HFFolder, shape: LlamaShape) -> None:
-    expected = expected_hf_names(shape)
+    """Names and shapes against the config (a transposed matrix has the right element count
+    and would otherwise convert silently)."""
+    expected = expected_hf_shapes(shape)
     present = set(hf.names())
     missing = [n for n in expected if n not in present]
     if missing:
@@ -45,6 +52,10 @@ def check_hf_tensors(hf: HFFolder, shape: LlamaShape) -> None:
     extra = present - set(expected) - ({LM_HEAD[0]} if shape.tied else set())
     if extra:
         raise ValueError(f"{hf.path} has tensors this Llama converter does not know: {sorted(extra)[:5]}")
+    for name, want in expected.items():
+        got = hf.shape_of(name)
+        if got != want:
+            raise ValueError(f"{hf.path}: {name} has shape {list(got)}, the config implies {list(want)}")
 
 
 def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str | None = None,
@@ -101,7 +112,7 @@ def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtyp
             "dtype": dtype or "source", "parallel": {"tp": tp, "pp": pp}, "hf_config": hf.config,
             "padded_vocab_multiple": "128 x TP (applied when a model is built; files hold the real vocabulary)",
             "source": {"hf_dir": hf.path, "shards": shards,
-                       "dtypes": {n: hf.dtype_of(n) for n in expected_hf_names(shape)}},
+                       "dtypes": {n: hf.dtype_of(n) for n in expected_hf_shapes(shape)}},
             "files": files, "weight_map": weight_map,
         }
         with open(os.path.join(tmp, fmt.MANIFEST), "w") as f:  # last: its presence marks completeness

@@ -28,7 +28,66 @@ def load_records(path: str):
     kind = {"jsonl": "json", "json": "json", "parquet": "parquet", "txt": "text"}.get(ext)
     if kind is None:
         raise ValueError(f"{path}: unsupported data file type .{ext} (jsonl, json, parquet, txt or a save_to_disk folder)")
-    return datasets.load_dataset(kind, data_files=path, split="train")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty")
+    if kind in ("json", "text"):
+        _check_utf8(path)  # datasets would replace bad bytes silently
+    try:
+        return datasets.load_dataset(kind, data_files=path, split="train")
+    except Exception as exc:  # datasets names neither the file nor the line: find them
+        problem = _first_bad_jsonl_line(path) if ext == "jsonl" else None
+        raise ValueError(f"{path}: {problem or f'cannot be read as {ext} ({type(exc).__name__}: {exc})'}") from exc
+
+
+def _check_utf8(path: str, chunk: int = 1 << 24) -> None:
+    """Raise naming the line of the first byte sequence that is not UTF-8 (streamed)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines = 1
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                line = lines + block[: exc.start].count(b"\n")
+                raise ValueError(f"{path}, line {line}: bytes that are not UTF-8 text ({exc.reason})") from None
+            lines += block.count(b"\n")
+
+
+def _first_bad_jsonl_line(path: str) -> str | None:
+    import json
+
+    seen = False
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            seen = True
+            try:
+                value = json.loads(line)
+            except ValueError as exc:
+                return f"line {number} is not valid JSON ({exc})"
+            if not isinstance(value, dict):
+                return f"line {number} is not a JSON object"
+    return None if seen else "holds no records"
+
+
+def _first_non_text(records, fields: tuple[str, ...]) -> tuple[int, str, object] | None:
+    """(index, field, value) of the first value of ``fields`` that is not text (or missing)."""
+    first = None
+    for field in fields:
+        if field not in records.column_names:
+            continue
+        feature = records.features[field]
+        if getattr(feature, "dtype", None) in ("string", "large_string"):
+            continue
+        for index, value in enumerate(records[field]):
+            if value is not None and not isinstance(value, str):
+                if first is None or index < first[0]:
+                    first = (index, field, value)
+                break
+    return first
 
 
 def _first_missing(records, required: tuple[str, ...]) -> tuple[int, list[str]] | None:
@@ -70,11 +129,15 @@ def tokenize_examples(path: str, template: str, tokenizer) -> list[tuple[np.ndar
     records = load_records(path)
     if len(records) == 0:
         raise ValueError(f"{path} holds no records")
+    where = (lambda index: f"line {index + 1}") if path.endswith(".jsonl") else (lambda index: f"record index {index}")
     missing = _first_missing(records, required)
     if missing is not None:
         index, fields = missing
-        where = f"line {index + 1}" if path.endswith(".jsonl") else f"record index {index}"
-        raise ValueError(f"{path}, {where}: missing field(s) {fields} required by the {template!r} template")
+        raise ValueError(f"{path}, {where(index)}: missing field(s) {fields} required by the {template!r} template")
+    wrong = _first_non_text(records, (*required, *template_.optional))
+    if wrong is not None:
+        index, field, value = wrong
+        raise ValueError(f"{path}, {where(index)}: field {field!r} must be text, found {value!r}")
     eos = tokenizer.eos_token_id
 
     def encode(batch):

@@ -45,6 +45,14 @@ def layer_layouts(heads: int, kv_heads: int, head_dim: int, ffn: int, hidden: in
     }
 
 
+def hf_layer_shapes(heads: int, kv_heads: int, head_dim: int, ffn: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every HF tensor of a decoder layer (names relative to the layer)."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    rows = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
+            "gate_proj": (ffn, hidden), "up_proj": (ffn, hidden), "down_proj": (hidden, ffn)}
+    return {**{name: (hidden,) for name in LAYER_NORMS}, **{p.hf_weight: rows[p.name] for p in PROJECTIONS.values()}}
+
+
 def hf_to_megatron_layer(hf: dict[str, torch.Tensor], layouts: dict[str, FusedLayout]) -> dict[str, torch.Tensor]:
     """One layer: HF names (relative to the layer) -> megatron names, global layout."""
     out = {meg: hf[name] for name, meg in LAYER_NORMS.items()}

@@ -95,6 +95,32 @@ def load_data(cfg: RunConfig, base: BaseCheckpoint) -> Data:
     return data
 
 
+class BaseVerification:
+    """Each rank verifies the checksums of its share of the base checkpoint's files in a
+    thread (sha256 releases the GIL) while the model is built and the adapters initialised;
+    ``result()`` gathers the verdicts and raises on every rank if any file changed."""
+
+    def __init__(self, base, rank: int, world: int):
+        import threading
+
+        self.verdict = None
+        self.thread = None
+        if hasattr(base, "check_share"):  # not for the benchmarks' random base
+            self.thread = threading.Thread(target=lambda: setattr(self, "verdict", base.check_share(rank, world)),
+                                           daemon=True)
+            self.thread.start()
+
+    def result(self) -> None:
+        if self.thread is None:
+            return
+        self.thread.join()
+        verdicts = [None] * dist.get_world_size()
+        dist.all_gather_object(verdicts, self.verdict)
+        bad = [v for v in verdicts if v]
+        if bad:
+            raise ValueError(f"{bad[0]}: the base checkpoint is damaged; convert it again")
+
+
 class StopSignals:
     """SIGTERM / SIGUSR1 (Slurm's time limit, preemption) recorded, to be acted on between
     steps. Installed before the model is built, so a signal during a long init still saves."""
@@ -136,6 +162,7 @@ class Trainer:
         # cheap checks first: the run folder (lock, resume plan) and the data, then the model
         self.plan, self.lock = folder if folder is not None else prepare(cfg, dist.get_world_size())
         self.data = data if data is not None else load_data(cfg, self.base)
+        verifying = BaseVerification(self.base, self.rank, dist.get_world_size())  # beside the model build and init
         start = time.perf_counter()
         mcfg = transformer_config(shape, tp=g.tp_size, pp=g.pp_size, sp=cfg.parallel.sp, dtype=self.dtype,
                                   device=device, recompute=t.recompute, perform_initialization=False)
@@ -145,6 +172,7 @@ class Trainer:
         self.targets: list[AdaptedTarget] = apply_adapters(self.model, self.peft, g.tp, g.dp, progress=self.rank == 0,
                                                            seed=t.seed)
         self.init_s = time.perf_counter() - start
+        verifying.result()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay,
                                            fused=device.type == "cuda")

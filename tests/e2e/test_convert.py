@@ -96,6 +96,18 @@ def _truncate(folder):
         f.truncate(size - 100)
 
 
+def _transpose_down_proj(d):
+    """The right element count, the wrong shape: a transposed down_proj in its shard."""
+    from safetensors.torch import load_file, save_file
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    index = os.path.join(d, "model.safetensors.index.json")
+    shard = json.load(open(index))["weight_map"][name] if os.path.exists(index) else "model.safetensors"
+    tensors = load_file(os.path.join(d, shard))
+    tensors[name] = tensors[name].t().contiguous()
+    save_file(tensors, os.path.join(d, shard), metadata={"format": "pt"})
+
+
 @pytest.mark.parametrize("edit,tp,pp,message", [
     (None, 3, 1, "does not divide the 4 attention heads"),
     (None, 4, 1, "does not divide the 2 KV heads"),
@@ -106,6 +118,7 @@ def _truncate(folder):
     (_set_config(model_type="mistral", architectures=["MistralForCausalLM"]), 1, 1, "unsupported architecture"),
     (_set_config(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), 1, 1, "unsupported rope type 'yarn'"),
     (_set_config(hidden_act="gelu"), 1, 1, "hidden_act='gelu'"),
+    (_transpose_down_proj, 1, 1, "model.layers.0.mlp.down_proj.weight has shape [96, 64], the config implies [64, 96]"),
 ])
 def test_bad_input_errors(hf_dirs, tmp_path, edit, tp, pp, message):
     _, dirs = hf_dirs

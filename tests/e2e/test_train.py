@@ -5,63 +5,17 @@ the initial adapters, and the loss is on response tokens only."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from hf_tiny import alpaca_records, make_hf_llama, make_tokenizer
-
-from paths import ROOT  # noqa: E402
-LAUNCH = os.path.join(ROOT, "launch", "pretrain_milora.py")
+from trainer_runs import common, last_losses, losses, make_inputs, records, run, torchrun, workers
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from milora_megatron.convert.importer import convert_hf_to_megatron
-
     root = tmp_path_factory.mktemp("train")
-    records = alpaca_records(48)
-    texts = [json.dumps(r) for r in records] * 4
-    make_hf_llama(str(root / "hf"), tied=False, seed=7, vocab=512)
-    make_tokenizer(str(root / "hf"), texts, vocab=512)
-    ckpt = convert_hf_to_megatron(str(root / "hf"), str(root / "ckpt"), tp=2, pp=2, progress=False)
-    with open(root / "train.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    with open(root / "valid.jsonl", "w") as f:
-        for r in alpaca_records(8, seed=1):
-            f.write(json.dumps(r) + "\n")
-    (root / "general.txt").write_text(" ".join(texts[:20]))
-    return root, ckpt
-
-
-def _torchrun(nproc, overrides, env=None, **kwargs):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           LAUNCH, "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), *overrides]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kwargs)
-
-
-def _common(root, ckpt, out, **extra):
-    items = {"model.load": ckpt, "data.train": str(root / "train.jsonl"), "output.dir": str(out),
-             "train.iters": 5, "train.global_batch": 4, "train.micro_batch": 1, "train.seq_len": 256,
-             "train.warmup": 1, "train.eval_every": 0, "peft.dropout": 0.0, "peft.rank": 4,
-             "train.clip_grad": 0.05, "output.save_every": 0, **extra}
-    return [f"{k}={v}" for k, v in items.items()]
-
-
-def _losses(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
-
-
-def _run(nproc, overrides):
-    proc = _torchrun(nproc, overrides)
-    text, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, text[-3000:]
-    return text
+    return root, make_inputs(root)
 
 
 def _evals(out):
@@ -77,8 +31,8 @@ def test_tp2_pp2_matches_tp1(setup, tmp_path):
     ev = {"train.micro_batch": 3, "train.global_batch": 6, "train.eval_batches": 3,
           "data.valid": str(root / "valid.jsonl"), "data.forgetting": str(root / "general.txt")}
     ref = tmp_path / "tp1"
-    _run(1, _common(root, ckpt, ref, **{"parallel.tp": 1, "parallel.pp": 1, **ev}))
-    expected, expected_evals = _losses(ref), _evals(ref)
+    run(1, common(root, ckpt, ref, **{"parallel.tp": 1, "parallel.pp": 1, **ev}))
+    expected, expected_evals = losses(ref), _evals(ref)
     assert len(expected) == 5 and expected[-1] < expected[0] and len(expected_evals) == 1
     # independent reference for the in-run (vocab-parallel, per micro-batch) forgetting loss:
     # the analysis tool on the exported PEFT adapter, through transformers, same windows
@@ -93,47 +47,32 @@ def test_tp2_pp2_matches_tp1(setup, tmp_path):
     runs.append((2, {"parallel.tp": 1, "parallel.pp": 1}))  # DP=2
     for nproc, par in runs:
         out = tmp_path / f"run{len(os.listdir(tmp_path))}"
-        _run(nproc, _common(root, ckpt, out, **par, **ev))
-        got = _losses(out)
+        run(nproc, common(root, ckpt, out, **par, **ev))
+        got = losses(out)
         rel = max(abs(a - b) / abs(b) for a, b in zip(got, expected))
         assert rel <= 1e-5, (par, got, expected)
         for a, b in zip(_evals(out)[0], expected_evals[0]):
             assert abs(a - b) / abs(b) <= 1e-5, (par, _evals(out), expected_evals)
 
 
-def _last_losses(out):
-    """Step -> loss, the last record of each step (a resumed run repeats the steps after its checkpoint)."""
-    by_step = {}
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        for r in map(json.loads, f):
-            if "loss" in r:
-                by_step[r["step"]] = r["loss"]
-    return by_step
-
-
-def _workers(out, launcher_pid):
-    found = subprocess.run(["pgrep", "-f", f"pretrain_milora.py.*output.dir={out}"], capture_output=True, text=True)
-    return [int(p) for p in found.stdout.split() if int(p) != launcher_pid]
-
-
 def test_resume_after_kill_continues_exactly(setup, tmp_path):
     root, ckpt = setup
     extra = {"train.iters": 12, "train.global_batch": 8, "output.save_every": 3, "parallel.tp": 1, "peft.dropout": 0.05}
-    _run(1, _common(root, ckpt, tmp_path / "straight", **extra))
-    expected = _last_losses(tmp_path / "straight")
+    run(1, common(root, ckpt, tmp_path / "straight", **extra))
+    expected = last_losses(tmp_path / "straight")
     out = tmp_path / "killed"
-    proc = _torchrun(1, _common(root, ckpt, out, **extra))
+    proc = torchrun(1, common(root, ckpt, out, **extra))
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 120
     while not latest.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    for pid in _workers(out, proc.pid) + [proc.pid]:  # torchrun starts workers in their own sessions
+    for pid in workers(out, proc.pid) + [proc.pid]:  # torchrun starts workers in their own sessions
         os.kill(pid, signal.SIGKILL)
     proc.communicate()
-    killed_at = max(_last_losses(out))
+    killed_at = max(last_losses(out))
     assert killed_at < 12, "the run finished before it could be killed"
-    _run(1, _common(root, ckpt, out, **extra))
-    got = _last_losses(out)
+    run(1, common(root, ckpt, out, **extra))
+    got = last_losses(out)
     assert sorted(got) == list(range(1, 13))
     assert got == expected  # bit-identical in fp32 on CPU, dropout included
 
@@ -141,19 +80,19 @@ def test_resume_after_kill_continues_exactly(setup, tmp_path):
 def test_sigterm_saves_and_exits_cleanly(setup, tmp_path):
     root, ckpt = setup
     out = tmp_path / "term"
-    proc = _torchrun(1, _common(root, ckpt, out, **{"train.iters": 500, "parallel.tp": 1}))
+    proc = torchrun(1, common(root, ckpt, out, **{"train.iters": 500, "parallel.tp": 1}))
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
         time.sleep(0.05)
-    pids = _workers(out, proc.pid)
+    pids = workers(out, proc.pid)
     assert pids
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
     text, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, text[-2000:]
     assert "after a stop signal" in text
-    step = max(_last_losses(out))
+    step = max(last_losses(out))
     assert step < 500
     assert (out / "checkpoints" / f"step_{step:07d}" / "adapter.json").exists()
 
@@ -163,7 +102,7 @@ def test_zero_iterations_saves_initial_adapters(setup, tmp_path):
 
     root, ckpt = setup
     out = tmp_path / "zero"
-    _run(2, _common(root, ckpt, out, **{"train.iters": 0, "parallel.tp": 2}))
+    run(2, common(root, ckpt, out, **{"train.iters": 0, "parallel.tp": 2}))
     saved = AdapterCheckpoint(str(out))
     assert saved.meta["step"] == 0
     factors = saved.tensors()
@@ -171,11 +110,6 @@ def test_zero_iterations_saves_initial_adapters(setup, tmp_path):
     assert len(a) == 4 * 5  # 4 layers x paper targets
     for key in a:
         assert torch.equal(factors[key], factors[key + "0"])  # A == A0 before any step
-
-
-def _records(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "loss" in r]
 
 
 def test_recompute_and_reduced_precision(setup, tmp_path):
@@ -187,9 +121,9 @@ def test_recompute_and_reduced_precision(setup, tmp_path):
 
     def steps(name, **extra):
         out = tmp_path / name
-        _run(2, _common(root, ckpt, out, **{"parallel.tp": 2, "train.iters": 3, "peft.dropout": 0.05,
+        run(2, common(root, ckpt, out, **{"parallel.tp": 2, "train.iters": 3, "peft.dropout": 0.05,
                                             "train.seq_len": 128, **extra}))
-        return _records(out)
+        return [r for r in records(out) if "loss" in r]
 
     reference = steps("none")
     key = [(r["loss"], r["grad_norm"]) for r in reference]
@@ -200,7 +134,7 @@ def test_recompute_and_reduced_precision(setup, tmp_path):
         for r, ref in zip(got, reference):
             assert abs(r["loss"] - ref["loss"]) <= 2e-3 * ref["loss"], (dtype, got, reference)
         assert all(("loss_scale" in r) == (dtype == "fp16") for r in got)
-    run = json.loads((tmp_path / "fp16" / "run.json").read_text())
-    assert run["dtype"] == "float16" and run["device"] == "cpu"
+    recorded = json.loads((tmp_path / "fp16" / "run.json").read_text())
+    assert recorded["dtype"] == "float16" and recorded["device"] == "cpu"
 
 

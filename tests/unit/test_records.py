@@ -97,3 +97,26 @@ def test_packing_concatenates_and_drops_the_remainder():
     assert masks.tolist() == [[0, 1, 1], [0, 0, 1]]
     short, _ = to_samples(_examples(), seq_len=20, pad_id=0, pack=True)  # shorter than one window: padded
     assert short.shape == (2, 21)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty"),
+    (b"\n\n", "holds no records"),
+    (b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', "line 2 is not valid JSON"),
+    (b'{"instruction": "a", "output": "b"}\n[1, 2]\n', "line 2 is not a JSON object"),
+    (b'{"instruction": "a", "output": 5}\n', "line 1: field 'output' must be text, found 5"),
+    (b'{"instruction": "a", "output": "x"}\n{"instruction": "a", "output": 5}\n', "line 2: field 'output' must be text"),
+    (b'{"instruction": "a", "output": "x"}\n{"instruction": "a", "output": "\xff\xfe"}\n', "line 2: bytes that are not UTF-8"),
+])
+def test_data_errors_name_the_file_and_line(setup, tmp_path, content, message):
+    from transformers import AutoTokenizer
+
+    from milora_megatron.data import tokenize_examples
+
+    _, ckpt = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    tok = AutoTokenizer.from_pretrained(os.path.join(ckpt, "hf"))
+    with pytest.raises(ValueError) as info:
+        tokenize_examples(str(bad), "alpaca", tok)
+    assert str(info.value).startswith(str(bad)) and message in str(info.value)
