@@ -37,7 +37,9 @@ if __name__ == "__main__":
 
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _forward_to_workers)
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"  # SIGTERM stays ours
+    # SIGTERM stays ours: torchrun's --signals-to-handle (its PET_ variable) and, for versions
+    # without that flag, the variable its process start reads
+    os.environ["PET_SIGNALS_TO_HANDLE"] = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
     try:
         sys.exit(main())
     except ChildFailedError as exc:  # the workers said why; one line instead of torchrun's report

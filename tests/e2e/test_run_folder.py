@@ -1,0 +1,239 @@
+"""What a run folder guarantees, under real faults: no checkpoint is lost or silently
+overwritten, a damaged or diverged checkpoint is never used, one run at a time, and errors
+arrive as one line before the expensive work."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from paths import ROOT
+from trainer_runs import TORCHRUN_WRAPPER, common, last_losses, make_inputs, records, run, torchrun, workers
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run_folder")
+    return root, make_inputs(root)
+
+
+def _args(inputs, out, **extra):
+    root, ckpt = inputs
+    return common(root, ckpt, out, **{"parallel.tp": 1, "train.global_batch": 2, "train.seq_len": 128, **extra})
+
+
+def _flip(path, count=2000):
+    """Damage a file in place, keeping its size (what a bad disk or a stray write does)."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        block = f.read(count)
+        f.seek(os.path.getsize(path) // 2)
+        f.write(bytes(b ^ 0xFF for b in block))
+
+
+def _events(out, name):
+    return [r for r in records(out) if r.get("event") == name]
+
+
+def _trained_after_resume(out):
+    """The steps trained after the last "resumed" event."""
+    recs = records(out)
+    last = max(i for i, r in enumerate(recs) if r.get("event") == "resumed")
+    return [r["step"] for r in recs[last:] if "loss" in r]
+
+
+def test_a_deleted_latest_pointer_loses_nothing(inputs, tmp_path):
+    out = tmp_path / "run"
+    run(1, _args(inputs, out, **{"train.iters": 4, "output.save_every": 2, "output.keep_last": 3}))
+    (out / "checkpoints" / "latest").unlink()
+    run(1, _args(inputs, out, **{"train.iters": 6, "output.save_every": 2, "output.keep_last": 3}))
+    assert _events(out, "resumed")[-1]["from"].endswith("step_0000004")
+    assert _trained_after_resume(out) == [5, 6]  # before the fix: steps 1..6 again, checkpoints overwritten
+    assert sorted(last_losses(out)) == list(range(1, 7))
+
+
+def test_a_damaged_newest_checkpoint_falls_back_and_says_so(inputs, tmp_path):
+    from milora_megatron.convert.exporter import export_merged
+
+    out = tmp_path / "run"
+    run(1, _args(inputs, out, **{"train.iters": 4, "output.save_every": 2, "output.keep_last": 3}))
+    _flip(out / "checkpoints" / "step_0000004" / "adapter-stage000.safetensors")
+    with pytest.raises(ValueError, match="does not match its checksum"):  # before: exported weights of 5e3
+        export_merged(str(out / "checkpoints" / "step_0000004"), str(tmp_path / "merged"), progress=False)
+    run(1, _args(inputs, out, **{"train.iters": 6, "output.save_every": 2, "output.keep_last": 3}))
+    resumed = _events(out, "resumed")[-1]
+    assert resumed["from"].endswith("step_0000002")
+    assert "step_0000004" in resumed["notes"][0] and "checksum" in resumed["notes"][0]
+    assert _trained_after_resume(out) == [3, 4, 5, 6]
+
+
+def test_unusable_checkpoints_are_never_overwritten_without_the_flag(inputs, tmp_path):
+    out = tmp_path / "run"
+    run(1, _args(inputs, out, **{"train.iters": 2, "output.save_every": 1}))
+    for step in (1, 2):
+        (out / "checkpoints" / f"step_{step:07d}" / "adapter.json").unlink()
+    text = run(1, _args(inputs, out, **{"train.iters": 4}), ok=False)
+    assert run.returncode != 0 and "holds checkpoints but none is complete and verified" in text
+    assert (out / "checkpoints" / "step_0000002").is_dir() and len(records(out)) == 3  # untouched
+    run(1, _args(inputs, out, **{"train.iters": 2, "output.fresh_start": "true"}))
+    previous = [p for p in os.listdir(out) if p.startswith("previous-")]
+    assert len(previous) == 1 and (out / previous[0] / "checkpoints" / "step_0000002").is_dir()
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2]
+
+
+_KILL_BETWEEN_RENAMES = """
+import os, signal, sys, torch
+sys.path.insert(0, {root!r})
+from milora_megatron.adapters import AdapterConfig
+from milora_megatron.checkpoint.adapters import step_dir, write_adapter_checkpoint
+
+class Base:
+    path = fingerprint = "base"
+
+def write(value):
+    write_adapter_checkpoint(step_dir({run!r}, 3), {{"m.lora_A": torch.full((2, 4), value),
+                             "m.lora_B": torch.full((4, 2), value)}}, AdapterConfig(), Base(), step=3)
+
+write(1.0)
+if {kill}:
+    real, calls = os.replace, []
+    def replace(src, dst):
+        calls.append(dst)
+        if dst.endswith(".replaced"):
+            real(src, dst)
+            os.kill(os.getpid(), signal.SIGKILL)  # between setting the old copy aside and renaming the new one in
+        return real(src, dst)
+    os.replace = replace
+    write(2.0)
+"""
+
+
+def test_a_kill_while_a_step_is_resaved_leaves_a_complete_copy(tmp_path):
+    from milora_megatron.checkpoint.adapters import newest_complete
+
+    run_dir = tmp_path / "run"
+    code = _KILL_BETWEEN_RENAMES.format(root=ROOT, run=str(run_dir), kill=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (run_dir / "checkpoints" / "step_0000003").exists()  # the window: no step_3 folder at all
+    chosen, skipped = newest_complete(str(run_dir))
+    assert chosen is not None and chosen.path.endswith("step_0000003.replaced") and not skipped
+    assert float(chosen.tensors()["m.lora_A"][0, 0]) == 1.0  # the complete previous copy
+
+
+def test_a_resume_that_would_change_the_method_is_refused_up_front(inputs, tmp_path):
+    out = tmp_path / "run"
+    run(1, _args(inputs, out, **{"train.iters": 2}))
+    start = time.time()
+    text = run(1, _args(inputs, out, **{"train.iters": 4, "peft.method": "lora"}), ok=False)
+    assert run.returncode != 0
+    assert "a resume cannot change (peft.method: 'milora' -> 'lora')" in text
+    assert "subspaces" not in text and time.time() - start < 60  # refused before the model and the SVD init
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2]
+
+
+def test_diverged_factors_are_never_saved_nor_exported(inputs, tmp_path):
+    import torch
+
+    from milora_megatron.adapters import AdapterConfig
+    from milora_megatron.checkpoint.adapters import step_dir, write_adapter_checkpoint
+    from milora_megatron.checkpoint.base import BaseCheckpoint
+    from milora_megatron.convert.exporter import export_merged
+
+    out = tmp_path / "run"
+    text = run(1, _args(inputs, out, **{"train.iters": 3, "output.save_every": 1, "train.lr": 1e10,
+                                        "train.warmup": 0, "train.clip_grad": 0}), ok=False)
+    assert run.returncode != 0 and "adapter factors diverged" in text and "not saved" in text
+    assert not [p for p in os.listdir(out / "checkpoints") if p.startswith("step_")] if (out / "checkpoints").exists() else True
+    # a checkpoint written elsewhere with exploded factors is refused by the exporter
+    base = BaseCheckpoint(inputs[1])
+    name = "model.layers.0.self_attn.q_proj"
+    factors = {f"{name}.lora_A": torch.full((4, 64), 8e9), f"{name}.lora_B": torch.full((64, 4), 8e9)}
+    write_adapter_checkpoint(step_dir(str(tmp_path / "hand"), 1), factors, AdapterConfig(method="lora", rank=4), base, 1)
+    with pytest.raises(ValueError, match="refusing to export .* factors diverged"):
+        export_merged(str(tmp_path / "hand"), str(tmp_path / "merged"), progress=False)
+
+
+def test_one_run_per_folder_and_workers_stop_with_their_launcher(inputs, tmp_path):
+    out = tmp_path / "run"
+    first = torchrun(1, _args(inputs, out, **{"train.iters": 500}))
+    deadline = time.time() + 120
+    while not any("loss" in r for r in records(out)):
+        assert time.time() < deadline and first.poll() is None, first.communicate()[0][-3000:]
+        time.sleep(0.1)
+    text = run(1, _args(inputs, out, **{"train.iters": 500}), ok=False)
+    assert run.returncode != 0 and "is in use by pid" in text  # before: trained concurrently, both exit 0
+    pids = workers(out, first.pid)
+    os.kill(first.pid, signal.SIGKILL)  # the launcher only
+    first.communicate()
+    deadline = time.time() + 120
+    while any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/status").read().find("State:\tZ") < 0 for p in pids):
+        assert time.time() < deadline, "the workers kept training after their launcher died"
+        time.sleep(0.2)
+    stopped = _events(out, "stopped")
+    assert stopped and "SIGTERM" in stopped[-1]["reason"]  # they saved on the way out
+    step = stopped[-1]["step"]
+    run(1, _args(inputs, out, **{"train.iters": step + 2}))  # the lock of the dead run does not block
+    assert _trained_after_resume(out) == [step + 1, step + 2]
+
+
+def test_a_damaged_base_checkpoint_is_refused_before_training(inputs, tmp_path):
+    base = shutil.copytree(inputs[1], tmp_path / "ckpt")
+    _flip(base / "layer-00001.safetensors", count=64)
+    root = inputs[0]
+    text = run(1, common(root, str(base), tmp_path / "run", **{"parallel.tp": 1, "train.seq_len": 128}), ok=False)
+    assert run.returncode != 0 and "the base checkpoint is damaged" in text and "layer-00001" in text
+    assert not [r for r in records(tmp_path / "run") if "loss" in r]  # before: trained on it
+
+
+@pytest.mark.parametrize("case", ["missing field", "not a checkpoint"])
+def test_errors_are_one_line_before_the_expensive_work(inputs, tmp_path, case):
+    root, ckpt = inputs
+    extra = {}
+    if case == "missing field":
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+        extra["data.train"] = str(bad)
+    else:
+        extra["model.load"] = str(root / "hf")
+    proc = torchrun(2, common(root, ckpt, tmp_path / "run", **{"parallel.tp": 2, "train.seq_len": 128, **extra}),
+                    launcher=TORCHRUN_WRAPPER)
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    ours = [line for line in text.splitlines() if line.startswith("pretrain_milora: error:")]
+    assert len(ours) == 1, text[-3000:]  # one line, from one rank
+    assert ("line 2: missing field(s) ['output']" if case == "missing field" else "is not a converted base") in ours[0]
+    assert "Traceback" not in text and "subspaces" not in text  # no tracebacks; before the SVD init
+
+
+def test_sigterm_to_the_launcher_saves_and_exits_zero(inputs, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(1, _args(inputs, out, **{"train.iters": 500}), launcher=TORCHRUN_WRAPPER)
+    deadline = time.time() + 120
+    while not any("loss" in r for r in records(out)):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, text[-3000:]  # plain torchrun: exit 1 and a traceback
+    stopped = _events(out, "stopped")
+    assert stopped and "SIGTERM" in stopped[-1]["reason"]
+    assert (out / "checkpoints" / f"step_{stopped[-1]['step']:07d}" / "adapter.json").exists()
+
+
+def test_a_run_folder_written_before_checksums_still_resumes(inputs, tmp_path):
+    """Version-1 adapter checkpoints (no checksums) are read, unverified, and said to be."""
+    out = tmp_path / "run"
+    run(1, _args(inputs, out, **{"train.iters": 2, "output.save_every": 1}))
+    meta_path = out / "checkpoints" / "step_0000002" / "adapter.json"
+    meta = json.loads(meta_path.read_text())
+    meta["version"] = 1
+    del meta["checksums"]
+    meta_path.write_text(json.dumps(meta))
+    run(1, _args(inputs, out, **{"train.iters": 3}))
+    resumed = _events(out, "resumed")[-1]
+    assert resumed["from"].endswith("step_0000002") and "predates checksums" in resumed["notes"][0]
