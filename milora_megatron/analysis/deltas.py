@@ -20,8 +20,8 @@ from safetensors import safe_open
 
 from ..convert.hf_folder import HFFolder
 from ..mapping import HF_TARGETS, PROJECTIONS
+from .provenance import check_base, export_info
 from .spectrum import SVD, analyze_pair, init_side, lowrank_svd64, matched_init, svd64
-EXPORT_INFO = "milora_export.json"  # written by our exporter next to adapter_config.json
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)"
                   r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
@@ -64,11 +64,7 @@ class PeftAdapter:
             raise ValueError(f"{self.path}: peft_type {self.config['peft_type']!r}, only LORA adapters are supported")
         if self.config.get("use_dora"):
             raise ValueError(f"{self.path}: DoRA adapters are not supported (their update is not s B A)")
-        info_path = os.path.join(self.path, EXPORT_INFO)
-        self.export_info = None
-        if os.path.isfile(info_path):
-            with open(info_path) as f:
-                self.export_info = json.load(f)
+        self.export_info = export_info(self.path)
         self.keys: dict[tuple[int, str], dict[str, str]] = {}
         with safe_open(self.file, framework="pt") as f:
             for key in f.keys():
@@ -187,6 +183,7 @@ def spectrum_report(base_dir: str, adapter_dir: str | None = None, merged_dir: s
     if (adapter_dir is None) == (merged_dir is None):
         raise ValueError("give exactly one of adapter_dir and merged_dir")
     base = HFFolder(base_dir)
+    check_base(base_dir, adapter_dir or merged_dir)
     num_layers = int(base.config["num_hidden_layers"])
     if adapter_dir is not None:
         source = PeftAdapter(adapter_dir)

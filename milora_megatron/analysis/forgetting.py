@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from ..data import TEMPLATES, load_records, text_samples, tokenize_examples
+from .provenance import check_base
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SECTION = "\n\n### "  # the templates' section separator: a generation that reaches it has ended
@@ -246,6 +247,8 @@ def evaluate(base_dir: str, finetuned_dir: str | None = None, adapter_dir: str |
     ``pair`` (from ``load_pair``) may be passed to reuse models across calls."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
+    if pair is None and (finetuned_dir or adapter_dir):
+        check_base(base_dir, finetuned_dir or adapter_dir)
     if isinstance(answer_extractor, str) and answer_extractor not in EXTRACTORS:
         raise ValueError(f"unknown answer_extractor {answer_extractor!r}; known: {sorted(EXTRACTORS)}")
     pair = pair or load_pair(base_dir, finetuned_dir, adapter_dir, device, dtype)

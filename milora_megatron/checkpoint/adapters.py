@@ -268,15 +268,18 @@ class AdapterCheckpoint:
                 out.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
         return out
 
-    def open_base(self, verify: bool = False):
-        """The base checkpoint this run trained on; an error if it is gone or was replaced."""
+    def open_base(self, verify: bool = False, path: str | None = None):
+        """The base checkpoint this run trained on (at its recorded path, or ``path`` when it
+        was moved); an error if it is gone or is not the same base."""
         from .base import BaseCheckpoint
 
         recorded = self.meta["base"]
-        if not os.path.isdir(recorded["path"]):
-            raise FileNotFoundError(f"the base checkpoint this run trained on, {recorded['path']}, is missing")
-        base = BaseCheckpoint(recorded["path"])
-        if base.fingerprint != recorded["fingerprint"]:
+        where = path or recorded["path"]
+        if not os.path.isdir(where):
+            raise FileNotFoundError(f"the base checkpoint this run trained on, {where}, is missing"
+                                    + ("" if path else " (if it was moved, give its new place with --base)"))
+        base = BaseCheckpoint(where)
+        if not base.is_the_base_of(recorded["fingerprint"]):
             raise ValueError(
                 f"base checkpoint {base.path} changed since training (fingerprint {base.fingerprint[:12]} "
                 f"!= recorded {recorded['fingerprint'][:12]}); export needs the exact base the adapter was trained on"

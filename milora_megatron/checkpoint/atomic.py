@@ -78,6 +78,24 @@ def atomic_directory(final: str, overwrite: bool = False, group=None):
         dist.barrier(group=group)
 
 
+def read_json(path: str):
+    """A JSON file, or a ValueError naming it."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except ValueError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc})") from None
+
+
+def check_writable(final: str) -> None:
+    """Fail before the expensive work if ``final`` could not be created."""
+    parent = os.path.dirname(os.path.abspath(final)) or "."
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {final}: {parent} is not writable")
+
+
 def write_text_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:

@@ -10,8 +10,10 @@ converter are validated defaults, not a property of the files.
 
 The manifest records the HF config, the source folder with the checksum of every source
 shard and each tensor's source dtype (so an export returns bit-identical tensors), and the
-checksum of every file written here. Its own checksum is the checkpoint's fingerprint,
-which a training run records so an export can tell if the base was replaced.
+checksum of every file written here. The fingerprint a training run records (so an export
+can tell if the base was replaced) is a hash of the content only (config, tensors and their
+files' checksums), not of where or when it was converted: a bit-identical reconversion, or
+a moved base, is the same base.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from safetensors import safe_open
 
 from ..mapping.llama import EMBEDDING, LM_HEAD, layout_of
 from ..models.llama import LlamaShape, padded_vocab
-from .atomic import PARTIAL_SUFFIX, safetensors_header, sha256_file
+from .atomic import PARTIAL_SUFFIX, read_json, safetensors_header, sha256_file
 
 MANIFEST = "milora_base.json"
 FORMAT = "milora-megatron-base"
@@ -34,6 +36,16 @@ HF_SIDE_DIR = "hf"  # config.json, generation config, tokenizer files copied fro
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def content_fingerprint(manifest: dict) -> str:
+    """The base's identity: its HF config, weight map, source dtypes and every written
+    file's checksum, not its paths or conversion time."""
+    import hashlib
+
+    content = {"hf_config": manifest["hf_config"], "weight_map": manifest["weight_map"],
+               "dtypes": manifest["source"]["dtypes"], "files": {k: v["sha256"] for k, v in manifest["files"].items()}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def layer_file(i: int) -> str:
@@ -54,8 +66,7 @@ class BaseCheckpoint:
             hint = " (only an interrupted conversion is there)" if os.path.isdir(self.path + PARTIAL_SUFFIX) else ""
             what = "is not a converted base checkpoint" if os.path.isdir(self.path) else "does not exist"
             raise FileNotFoundError(f"base checkpoint {self.path} {what}{hint}")
-        with open(manifest) as f:
-            self.manifest = json.load(f)
+        self.manifest = read_json(manifest)
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{manifest} is not a {FORMAT} manifest")
         if self.manifest.get("version") != VERSION:
@@ -63,7 +74,8 @@ class BaseCheckpoint:
         self.shape = LlamaShape.from_hf_config(self.manifest["hf_config"])
         self.layouts = self.shape.layer_layouts()
         self.weight_map: dict[str, str] = self.manifest["weight_map"]
-        self.fingerprint = sha256_file(manifest)
+        self.fingerprint = content_fingerprint(self.manifest)
+        self.legacy_fingerprint = sha256_file(manifest)  # what runs recorded before content fingerprints
         self.check_files(checksums=False)
 
     @property
@@ -84,6 +96,11 @@ class BaseCheckpoint:
                 safetensors_header(full)
             if checksums and sha256_file(full) != info["sha256"]:
                 raise ValueError(f"base checkpoint file {full} changed since conversion (sha256 mismatch)")
+
+    def is_the_base_of(self, recorded_fingerprint: str) -> bool:
+        """Whether a run that recorded this fingerprint trained on this base (runs from before
+        content fingerprints recorded the manifest's checksum)."""
+        return recorded_fingerprint in (self.fingerprint, self.legacy_fingerprint)
 
     def check_share(self, rank: int, world: int) -> str | None:
         """Verify the checksums of one rank's share of the files (file i on rank i mod world),

@@ -16,13 +16,21 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..checkpoint.adapters import AdapterCheckpoint, diverged
-from ..checkpoint.atomic import atomic_directory
+from ..checkpoint.atomic import atomic_directory, check_writable
 from ..checkpoint.base import DTYPES, BaseCheckpoint, is_base_checkpoint
 from .hf_folder import INDEX_NAME
 from ..mapping.llama import EMBEDDING, FINAL_NORM, LM_HEAD, hf_layer_prefix, megatron_to_hf_layer
 
 
-def open_checkpoint(path: str, verify: bool = True) -> tuple[BaseCheckpoint, AdapterCheckpoint | None]:
+def _check_out(out: str, overwrite: bool) -> None:
+    """Before any checksum of a 16 GB base: the output can be written."""
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{os.path.abspath(out)} already exists (pass --overwrite to replace it)")
+    check_writable(out)
+
+
+def open_checkpoint(path: str, verify: bool = True, base_path: str | None = None
+                    ) -> tuple[BaseCheckpoint, AdapterCheckpoint | None]:
     """``path``: a converted base checkpoint, an adapter checkpoint, or a run folder (its latest)."""
     if is_base_checkpoint(path):
         base = BaseCheckpoint(path)
@@ -34,7 +42,7 @@ def open_checkpoint(path: str, verify: bool = True) -> tuple[BaseCheckpoint, Ada
     if bad:
         raise ValueError(f"refusing to export {adapter.path}: its factors diverged ({'; '.join(bad[:3])}); "
                          "export an earlier checkpoint (give its step folder)")
-    return adapter.open_base(verify=verify), adapter
+    return adapter.open_base(verify=verify, path=base_path), adapter
 
 
 class _ShardWriter:
@@ -89,8 +97,9 @@ def _merged(module: str, w: torch.Tensor, factors: dict[str, torch.Tensor], s: f
 
 
 def export_merged(path: str, out: str, dtype: str | None = None, max_shard_bytes: int = 10**9,
-                  overwrite: bool = False, verify: bool = True, progress: bool = True) -> str:
-    base, adapter = open_checkpoint(path, verify)
+                  overwrite: bool = False, verify: bool = True, progress: bool = True, base_path: str | None = None) -> str:
+    _check_out(out, overwrite)
+    base, adapter = open_checkpoint(path, verify, base_path)
     shape = base.shape
     cast = DTYPES[dtype] if dtype else None
     scaling = adapter.scaling if adapter is not None else 1.0
@@ -120,7 +129,18 @@ def export_merged(path: str, out: str, dtype: str | None = None, max_shard_bytes
         bar.close()
         writer.close()
         _copy_side_files(base, tmp, dtype)
+        with open(os.path.join(tmp, "milora_export.json"), "w") as f:
+            json.dump(_provenance(base, adapter), f, indent=2)
     return os.path.abspath(out)
+
+
+def _provenance(base: BaseCheckpoint, adapter: AdapterCheckpoint | None) -> dict:
+    """What an export came from, for milora_export.json (analysis/provenance.py checks a
+    --base against ``base_shards``)."""
+    info = {"base_checkpoint": base.path, "base_shards": base.manifest["source"]["shards"]}
+    if adapter is not None:
+        info.update(adapter_checkpoint=adapter.path, step=adapter.meta["step"], method=adapter.peft["method"])
+    return info
 
 
 def _copy_side_files(base: BaseCheckpoint, folder: str, dtype: str | None) -> None:
@@ -135,14 +155,16 @@ def _copy_side_files(base: BaseCheckpoint, folder: str, dtype: str | None) -> No
             json.dump(config, f, indent=2)
 
 
-def export_peft(path: str, out: str, dtype: str | None = None, overwrite: bool = False, verify: bool = True) -> str:
+def export_peft(path: str, out: str, dtype: str | None = None, overwrite: bool = False, verify: bool = True,
+                base_path: str | None = None) -> str:
     """A PEFT LoRA folder that applies to the ORIGINAL base model.
 
     PiSSA/MiLoRA trained from W - s B0 A0; on the original W their update is
     s (B A - B0 A0), which is a rank-2r LoRA ``[B, -B0] [A; A0]`` with alpha doubled so
     that alpha / r stays s (the form PEFT's own PiSSA conversion writes).
     """
-    base, adapter = open_checkpoint(path, verify)
+    _check_out(out, overwrite)
+    base, adapter = open_checkpoint(path, verify, base_path)
     if adapter is None:
         raise ValueError(f"{path} is a base checkpoint: there is no adapter to export (drop --adapter-only)")
     factors = adapter.tensors()
@@ -173,6 +195,5 @@ def export_peft(path: str, out: str, dtype: str | None = None, overwrite: bool =
         with open(os.path.join(tmp, "milora_export.json"), "w") as f:
             json.dump({"method": peft["method"], "trained_rank": rank, "trained_alpha": alpha,
                        "form": "rank-2r [B, -B0][A; A0]" if has_initial else "rank-r",
-                       "base_checkpoint": base.path, "adapter_checkpoint": adapter.path,
-                       "step": adapter.meta["step"]}, f, indent=2)
+                       **_provenance(base, adapter)}, f, indent=2)
     return os.path.abspath(out)

@@ -13,12 +13,19 @@ import os
 import torch
 from safetensors import safe_open
 
-from ..checkpoint.atomic import safetensors_header
+from ..checkpoint.atomic import read_json, safetensors_header
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 INDEX_NAME = "model.safetensors.index.json"
 # Tensors some HF Llama checkpoints carry that are derived, not learned.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _json_of(f, path: str):
+    try:
+        return json.load(f)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
 
 
 class HFFolder:
@@ -29,8 +36,7 @@ class HFFolder:
         config_path = os.path.join(self.path, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{self.path} has no config.json")
-        with open(config_path) as f:
-            self.config = json.load(f)
+        self.config = read_json(config_path)
         self.weight_map = self._weight_map()
         self.headers = {}
         for shard in sorted(set(self.weight_map.values())):
@@ -46,7 +52,7 @@ class HFFolder:
         index = os.path.join(self.path, INDEX_NAME)
         if os.path.isfile(index):
             with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+                weight_map = _json_of(f, os.path.join(self.path, INDEX_NAME))["weight_map"]
         elif os.path.isfile(os.path.join(self.path, "model.safetensors")):
             header = safetensors_header(os.path.join(self.path, "model.safetensors"))
             weight_map = {k: "model.safetensors" for k in header if k != "__metadata__"}

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..checkpoint import base as fmt
-from ..checkpoint.atomic import atomic_directory, sha256_file
+from ..checkpoint.atomic import atomic_directory, check_writable, sha256_file
 from ..models.llama import LlamaShape
 from .hf_folder import HFFolder
 from ..mapping.llama import (
@@ -68,6 +68,7 @@ def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtyp
     target = fmt.DTYPES[dtype] if dtype else None
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    check_writable(out)
 
     shards = {}
     for shard in tqdm(hf.shard_files(), desc="checksum source shards", unit="shard", disable=not progress):

@@ -191,7 +191,7 @@ class Trainer:
         notes = self.plan["notes"]
         if self.plan["resume"] is not None:
             latest = AdapterCheckpoint(self.plan["resume"])  # verified on rank 0 by the plan
-            if latest.meta["base"]["fingerprint"] != self.base.fingerprint:
+            if not self.base.is_the_base_of(latest.meta["base"]["fingerprint"]):
                 raise ValueError(f"{self.out} was trained on another base checkpoint ({latest.meta['base']['path']})")
             scatter_factors(self.targets, latest.tensors(), g.tp_rank, g.tp_size)
             state = load_state(latest, self.rank)

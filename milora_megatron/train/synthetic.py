@@ -18,6 +18,9 @@ class RandomBase:
     def __init__(self, shape: LlamaShape, seed: int = 0):
         self.shape, self.seed = shape, seed
 
+    def is_the_base_of(self, recorded_fingerprint: str) -> bool:
+        return recorded_fingerprint == self.fingerprint
+
     @torch.no_grad()
     def load_into(self, model, tp_rank: int = 0, tp_size: int = 1) -> None:
         device = next(model.parameters()).device

@@ -119,9 +119,34 @@ def test_export_errors(trained, tmp_path):
     meta["base"]["path"] = str(moved_base)
     meta_path.write_text(json.dumps(meta))
     export_merged(str(run), str(tmp_path / "ok"), progress=False)
+    # a bit-identical reconversion (another time, another place) is the same base
     convert_hf_to_megatron(str(root / "hf"), str(moved_base), overwrite=True, progress=False)
+    export_merged(str(run), str(tmp_path / "ok2"), progress=False)
+    convert_hf_to_megatron(str(root / "hf"), str(moved_base), dtype="fp16", overwrite=True, progress=False)
     with pytest.raises(ValueError, match="changed since training"):
         export_merged(str(run), str(tmp_path / "o3"), progress=False)
     shutil.rmtree(moved_base)
-    with pytest.raises(FileNotFoundError, match="is missing"):
+    with pytest.raises(FileNotFoundError, match="is missing .*give its new place with --base"):
         export_peft(str(run), str(tmp_path / "o4"))
+    export_peft(str(run), str(tmp_path / "o5"), base_path=str(root / "ckpt"))  # the base, somewhere else
+
+
+def test_analysis_refuses_a_base_that_is_not_the_exports(trained, tmp_path):
+    """A same-shaped other model given as --base: the analysis tools say so instead of
+    analysing the wrong base (our exports record the base's source shards)."""
+    from milora_megatron.analysis.deltas import spectrum_report
+    from milora_megatron.analysis.forgetting import evaluate
+    from milora_megatron.convert.exporter import export_merged, export_peft
+
+    root, _, _ = trained
+    run = root / "runs" / "milora_branch"
+    adapter = export_peft(str(run), str(tmp_path / "peft"))
+    merged = export_merged(str(run), str(tmp_path / "merged"), progress=False)
+    make_hf_llama(str(tmp_path / "other"), tied=False, seed=6)  # same shapes, other weights
+    report = spectrum_report(str(root / "hf"), adapter_dir=adapter, layers=[0], targets=["q_proj"], progress=False)
+    assert report["method"] == "milora"  # the right base passes
+    for kwargs in ({"adapter_dir": adapter}, {"merged_dir": merged}):
+        with pytest.raises(ValueError, match="is not the model .* was trained from"):
+            spectrum_report(str(tmp_path / "other"), progress=False, **kwargs)
+    with pytest.raises(ValueError, match="is not the model .* was trained from"):
+        evaluate(str(tmp_path / "other"), adapter_dir=adapter, progress=False)

@@ -16,6 +16,10 @@ LAUNCH = os.path.join(ROOT, "launch", "pretrain_milora.py")
     (["parallel.sp=3"], "parallel.sp must be true or false"),
     (["peft.method=dora"], "unknown"),
     (["train.lr"], "is not key=value"),
+    (["train.log_every=0"], "train.log_every must be >= 1"),  # before: a ZeroDivisionError mid-run
+    (["train.eval_batches=0"], "train.eval_batches must be >= 1"),
+    (["peft.alpha=-8"], "peft.alpha must be > 0"),  # before: a misleading NaN message
+    (["peft.svd_backend=lapack"], "peft.svd_backend must be one of"),
 ])
 def test_config_errors(overrides, message):
     from milora_megatron.train.config import ConfigError, load_config
@@ -62,3 +66,12 @@ def test_config_refuses_what_cannot_run(override, message):
         load_config(tiny, [override])
     cfg = load_config(tiny, ["model.dtype=bf16", "model.device=cpu", "train.recompute=full"])
     assert (cfg.model.dtype, cfg.model.device, cfg.train.recompute) == ("bf16", "cpu", "full")
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    from milora_megatron.train.config import ConfigError, load_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML"):
+        load_config(str(bad))

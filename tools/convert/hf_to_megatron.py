@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     try:
         out = convert_hf_to_megatron(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.overwrite,
                                      progress=not args.quiet)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+    except (ValueError, OSError, KeyError) as exc:
         print(f"hf_to_megatron: error: {exc}", file=sys.stderr)
         return 2
     print(f"base checkpoint written: {out}")

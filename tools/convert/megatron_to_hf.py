@@ -43,6 +43,9 @@ def main(argv=None) -> int:
                    help="largest merged safetensors shard (default 1GB; peak memory is about one shard plus one layer)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip re-checking the base checkpoint's file checksums (sizes are always checked)")
+    p.add_argument("--base", default=None,
+                   help="where the run's base checkpoint is now, if it was moved (it must be the same base: "
+                        "its content fingerprint is checked)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -51,11 +54,12 @@ def main(argv=None) -> int:
 
     try:
         if args.adapter_only:
-            out = export_peft(args.ckpt, args.out, args.dtype, args.overwrite, verify=not args.no_verify)
+            out = export_peft(args.ckpt, args.out, args.dtype, args.overwrite, verify=not args.no_verify,
+                              base_path=args.base)
         else:
             out = export_merged(args.ckpt, args.out, args.dtype, args.max_shard_size, args.overwrite,
-                                verify=not args.no_verify, progress=not args.quiet)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+                                verify=not args.no_verify, progress=not args.quiet, base_path=args.base)
+    except (ValueError, OSError, KeyError) as exc:
         print(f"megatron_to_hf: error: {exc}", file=sys.stderr)
         return 2
     print(f"{'PEFT adapter' if args.adapter_only else 'HF model'} written: {out}")
