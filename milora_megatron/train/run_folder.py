@@ -118,14 +118,19 @@ def resume_conflicts(saved: dict, now: dict) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in FIXED_ON_RESUME if a.get(k) != b.get(k)]
 
 
+def _read(out: str, name: str) -> dict | None:
+    path = os.path.join(out, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def plan(out: str, config: dict, world_size: int, fresh_start: bool) -> dict:
     """What this run does with ``out`` (rank 0 decides, before any expensive work):
     ``{"resume": path or None, "notes": [...]}``; raises RunFolderError when it must not go on."""
-    notes = []
-    has_checkpoints = os.path.isdir(os.path.join(out, CHECKPOINTS)) and bool(os.listdir(os.path.join(out, CHECKPOINTS)))
-    ckpt, skipped = (None, [])
-    if has_checkpoints:
-        ckpt, skipped = newest_complete(out, verify=True, required=[rank_file(r) for r in range(world_size)])
+    checkpoints = os.path.join(out, CHECKPOINTS)
+    has_checkpoints = os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))
     if fresh_start and (has_checkpoints or os.path.exists(os.path.join(out, CONFIG))):
         keep = os.path.join(out, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
         os.makedirs(keep)
@@ -133,32 +138,26 @@ def plan(out: str, config: dict, world_size: int, fresh_start: bool) -> dict:
             if os.path.exists(os.path.join(out, name)):
                 shutil.move(os.path.join(out, name), keep)
         return {"resume": None, "notes": [f"output.fresh_start: the previous run was moved to {keep}"]}
-    if skipped:
-        notes.append("passed over: " + "; ".join(skipped))
+    if not has_checkpoints:
+        return {"resume": None, "notes": []}
+    saved, run = _read(out, CONFIG), _read(out, RUN) or {}
+    conflicts = resume_conflicts(saved, config) if saved is not None else []
+    if conflicts:
+        raise RunFolderError(f"{out} was trained with other settings that a resume cannot change "
+                             f"({'; '.join(conflicts)}); use another output.dir, or output.fresh_start=true")
+    saved_world = run.get("world_size", world_size)
+    if saved_world != world_size:
+        raise RunFolderError(f"{out} was trained on {saved_world} processes, this run has {world_size}: resuming "
+                             "on another world size is not supported yet")
+    ckpt, skipped = newest_complete(out, verify=True, required=[rank_file(r) for r in range(world_size)])
+    notes = ["passed over: " + "; ".join(skipped)] if skipped else []
     if ckpt is None:
-        if has_checkpoints:
-            raise RunFolderError(
-                f"{out} holds checkpoints but none is complete and verified ({'; '.join(skipped)}); repair or move "
-                "them, or rerun with output.fresh_start=true to start again (the old run is kept under previous-*/)")
-        return {"resume": None, "notes": notes}
-    saved_path = os.path.join(out, CONFIG)
-    if os.path.isfile(saved_path):
-        with open(saved_path) as f:
-            conflicts = resume_conflicts(json.load(f), config)
-        if conflicts:
-            raise RunFolderError(f"{out} was trained with other settings that a resume cannot change "
-                                 f"({'; '.join(conflicts)}); use another output.dir, or output.fresh_start=true")
-    run_path = os.path.join(out, RUN)
-    if os.path.isfile(run_path):
-        with open(run_path) as f:
-            saved_world = json.load(f).get("world_size")
-        if saved_world is not None and saved_world != world_size:
-            raise RunFolderError(f"{out} was trained on {saved_world} processes, this run has {world_size}: resuming "
-                                 "on another world size is not supported yet")
+        raise RunFolderError(
+            f"{out} holds checkpoints but none is complete and verified ({'; '.join(skipped)}); repair or move "
+            "them, or rerun with output.fresh_start=true to start again (the old run is kept under previous-*/)")
     if not ckpt.verified:
         notes.append(f"{ckpt.path} predates checksums: loaded unverified")
     return {"resume": ckpt.path, "notes": notes}
-
 
 
 def prepare(cfg, world_size: int) -> tuple[dict, RunLock | None]:
