@@ -18,6 +18,7 @@ cross-entropy (EOS included, as trained) and greedy-generation exact match.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from contextlib import contextmanager
@@ -67,6 +68,17 @@ def default_device_dtype(device: str | None = None, dtype: str | None = None) ->
     return dev, DTYPES[dtype]
 
 
+def _check_model_folder(path: str) -> None:
+    """A local HF model folder with a config and weights (transformers would otherwise take a
+    folder without weights for a hub id and answer "Repo id must be in the form ...")."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} has no config.json (not an HF model folder)")
+    if not any(n.endswith((".safetensors", ".bin")) for n in os.listdir(path)):
+        raise FileNotFoundError(f"{path} holds no weights (*.safetensors)")
+
+
 def load_pair(base_dir: str, finetuned_dir: str | None = None, adapter_dir: str | None = None,
               device: str | None = None, dtype: str | None = None, tokenizer_dir: str | None = None) -> ModelPair:
     """Base + (merged fine-tuned folder | PEFT adapter folder | nothing: the base against itself)."""
@@ -75,6 +87,9 @@ def load_pair(base_dir: str, finetuned_dir: str | None = None, adapter_dir: str 
     if finetuned_dir and adapter_dir:
         raise ValueError("give at most one of finetuned_dir (merged model) and adapter_dir (PEFT adapter)")
     dev, dt = default_device_dtype(device, dtype)
+    for folder in (base_dir, finetuned_dir):
+        if folder:
+            _check_model_folder(folder)  # before the tokenizer, whose errors would not say this
 
     def load(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(dev).eval()
@@ -84,7 +99,13 @@ def load_pair(base_dir: str, finetuned_dir: str | None = None, adapter_dir: str 
     if adapter_dir:
         from peft import PeftModel
 
-        return ModelPair(tokenizer, PeftModel.from_pretrained(base, adapter_dir).eval(), None, dev)
+        if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+            raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json (not a PEFT adapter folder)")
+        try:
+            adapted = PeftModel.from_pretrained(base, adapter_dir).eval()
+        except RuntimeError as exc:  # e.g. size mismatches: an adapter of another model
+            raise ValueError(f"{adapter_dir} does not fit the base {base_dir}: {str(exc).strip().splitlines()[-1]}") from None
+        return ModelPair(tokenizer, adapted, None, dev)
     if finetuned_dir:
         return ModelPair(tokenizer, load(finetuned_dir), base, dev)
     return ModelPair(tokenizer, base, base, dev)

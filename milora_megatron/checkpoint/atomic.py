@@ -92,6 +92,8 @@ def check_writable(final: str) -> None:
     parent = os.path.dirname(os.path.abspath(final)) or "."
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"cannot write {final}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write {final}: {parent} is not writable")
 

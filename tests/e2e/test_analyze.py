@@ -355,3 +355,14 @@ def test_cli_help(tool):
     run = subprocess.run([sys.executable, os.path.join(TOOLS, tool), "--help"], capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 0 and "--base" in run.stdout and "--out-json" in run.stdout
+
+
+def test_forgetting_errors_name_the_folder(tmp_path):
+    from milora_megatron.analysis.forgetting import load_pair
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="holds no weights"):  # before: "Repo id must be in the form ..."
+        load_pair(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pair(str(tmp_path / "nowhere"))

@@ -203,3 +203,17 @@ def test_cli_help_and_exit_codes(hf_dirs, tmp_path):
                            "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "hf"), "--quiet"],
                           capture_output=True, text=True)
     assert back.returncode == 0, back.stderr
+
+
+def test_unreadable_config_and_unwritable_output_are_one_line(hf_dirs, tmp_path):
+    """Errors that used to be tracebacks: a config.json that is not JSON, an output that
+    cannot be written (refused before the source checksums)."""
+    _, dirs = hf_dirs
+    bad = _broken_copy(dirs["untied_bf16"], str(tmp_path / "bad"), lambda d: open(os.path.join(d, "config.json"), "w").write("{"))
+    tool = os.path.join(ROOT, "tools", "convert", "hf_to_megatron.py")
+    for args, message in (([bad, str(tmp_path / "o")], "config.json is not valid JSON"),
+                          ([dirs["untied_bf16"], str(tmp_path / "a_file" / "o")], "is a file, not a folder")):
+        (tmp_path / "a_file").write_text("x")
+        out = subprocess.run([sys.executable, tool, "--hf-dir", args[0], "--out", args[1], "--quiet"],
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         layers = parse_layers(args.layers, num_layers) if args.layers else None
         report = spectrum_report(args.base, adapter_dir=args.adapter, merged_dir=args.merged, rank=args.rank,
                                  method=args.method, targets=targets, layers=layers, progress=not args.quiet)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, OSError, KeyError) as exc:
         print(f"spectrum: error: {exc}", file=sys.stderr)
         return 2
     if not args.quiet:
