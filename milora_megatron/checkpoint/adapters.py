@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import PARTIAL_SUFFIX, REPLACED_SUFFIX, atomic_directory, safetensors_header, sha256_file, write_text_atomic
+from .atomic import (PARTIAL_SUFFIX, REPLACED_SUFFIX, atomic_directory, check_recorded_files, sha256_file,
+                     write_text_atomic)
 
 FORMAT = "milora-megatron-adapter"
 VERSION = 2  # 2: adapter.json records every file's size and sha256
@@ -236,16 +237,7 @@ class AdapterCheckpoint:
         for name in self.meta["files"]:
             if not os.path.isfile(os.path.join(self.path, name)):
                 raise FileNotFoundError(f"adapter checkpoint {self.path} lacks {name} (interrupted or damaged)")
-        for name, record in self.meta.get("checksums", {}).items():
-            full = os.path.join(self.path, name)
-            if not os.path.isfile(full):
-                raise FileNotFoundError(f"adapter checkpoint {self.path} lacks {name} (interrupted or damaged)")
-            if os.path.getsize(full) != record["bytes"]:
-                raise ValueError(f"{full} has {os.path.getsize(full)} bytes, expected {record['bytes']} (truncated?)")
-            if name.endswith(".safetensors"):
-                safetensors_header(full)
-            if verify and sha256_file(full) != record["sha256"]:
-                raise ValueError(f"{full} does not match its checksum (damaged since it was written)")
+        check_recorded_files(self.path, self.meta.get("checksums", {}), verify, "adapter checkpoint")
         self.verified = verify and "checksums" in self.meta
 
     @property

@@ -87,6 +87,25 @@ def read_json(path: str):
             raise ValueError(f"{path} is not valid JSON ({exc})") from None
 
 
+def check_recorded_files(folder: str, records: dict, checksums: bool, what: str, only=None) -> None:
+    """Every file of ``records`` ({name: {"bytes", "sha256"}}) present, of its size, a readable
+    safetensors header where it is one, and with ``checksums`` bit-identical to when it was
+    written. ``only``: check these names alone. Raises naming the file."""
+    for name, record in records.items():
+        if only is not None and name not in only:
+            continue
+        full = os.path.join(folder, name)
+        if not os.path.isfile(full):
+            raise FileNotFoundError(f"{what} file {full} is missing (interrupted or damaged)")
+        if os.path.getsize(full) != record["bytes"]:
+            raise ValueError(f"{what} file {full} has {os.path.getsize(full)} bytes, expected {record['bytes']} "
+                             "(truncated or replaced)")
+        if name.endswith(".safetensors"):
+            safetensors_header(full)
+        if checksums and sha256_file(full) != record["sha256"]:
+            raise ValueError(f"{what} file {full} does not match its checksum (changed since it was written)")
+
+
 def check_writable(final: str) -> None:
     """Fail before the expensive work if ``final`` could not be created."""
     parent = os.path.dirname(os.path.abspath(final)) or "."

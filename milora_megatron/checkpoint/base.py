@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from ..mapping.llama import EMBEDDING, LM_HEAD, layout_of
 from ..models.llama import LlamaShape, padded_vocab
-from .atomic import PARTIAL_SUFFIX, read_json, safetensors_header, sha256_file
+from .atomic import PARTIAL_SUFFIX, check_recorded_files, read_json, sha256_file
 
 MANIFEST = "milora_base.json"
 FORMAT = "milora-megatron-base"
@@ -84,18 +84,7 @@ class BaseCheckpoint:
 
     def check_files(self, checksums: bool = False, files=None) -> None:
         """Every file present and complete; with ``checksums`` also bit-identical to when written."""
-        for name, info in self.manifest["files"].items():
-            if files is not None and name not in files:
-                continue
-            full = os.path.join(self.path, name)
-            if not os.path.isfile(full):
-                raise FileNotFoundError(f"base checkpoint file {full} is missing")
-            if os.path.getsize(full) != info["bytes"]:
-                raise ValueError(f"base checkpoint file {full} has {os.path.getsize(full)} bytes, expected {info['bytes']} (truncated or replaced)")
-            if name.endswith(".safetensors"):
-                safetensors_header(full)
-            if checksums and sha256_file(full) != info["sha256"]:
-                raise ValueError(f"base checkpoint file {full} changed since conversion (sha256 mismatch)")
+        check_recorded_files(self.path, self.manifest["files"], checksums, "base checkpoint", only=files)
 
     def is_the_base_of(self, recorded_fingerprint: str) -> bool:
         """Whether a run that recorded this fingerprint trained on this base (runs from before
