@@ -74,7 +74,8 @@ class OutputConfig:
     keep_last: int = option(2, "checkpoints kept (the newest ones)")
     fresh_start: bool = option(False, "start from step 0 although output.dir holds a run; the old run is moved to "
                                       "output.dir/previous-<time>/ (without it, a rerun resumes, and a folder whose "
-                                      "checkpoints are all unusable is refused)")
+                                      "checkpoints are all unusable is refused). A one-off: leave it out of commands "
+                                      "that are rerun to resume (a requeued Slurm job would restart every time)")
 
 
 @dataclass

@@ -123,7 +123,10 @@ def _read(out: str, name: str) -> dict | None:
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except ValueError as exc:
+            raise RunFolderError(f"{path} is not valid JSON ({exc}); repair it or use output.fresh_start=true") from None
 
 
 def plan(out: str, config: dict, world_size: int, fresh_start: bool) -> dict:
@@ -168,20 +171,19 @@ def prepare(cfg, world_size: int) -> tuple[dict, RunLock | None]:
     out = os.path.abspath(cfg.output.dir)
     decision, lock = None, None
     if dist.get_rank() == 0:
-        os.makedirs(out, exist_ok=True)
-        lock = RunLock(out)
-        try:
+        try:  # whatever goes wrong here, every rank must hear of it rather than wait
+            os.makedirs(out, exist_ok=True)
+            lock = RunLock(out)
             note = lock.acquire()
-        except RunFolderError as exc:
-            decision, lock = {"error": str(exc)}, None
-        else:
             try:
                 decision = plan(out, cfg.to_dict(), world_size, cfg.output.fresh_start)
-                if note:
-                    decision["notes"].insert(0, note)
-            except RunFolderError as exc:
-                decision = {"error": str(exc)}
+            except BaseException:
                 lock.release()
+                raise
+            if note:
+                decision["notes"].insert(0, note)
+        except (RunFolderError, OSError, ValueError) as exc:
+            decision, lock = {"error": str(exc)}, None
     box = [decision]
     dist.broadcast_object_list(box, src=0)
     if "error" in box[0]:
