@@ -1,5 +1,5 @@
 """milora_megatron/train/run_folder.py: the run lock, what a resume may change, the plan's
-refusals (the faults themselves run for real in tests/e2e/test_run_folder.py)."""
+refusals (the faults themselves run for real in tests/e2e/test_run_folder_faults.py)."""
 
 import json
 import os
