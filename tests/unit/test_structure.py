@@ -73,3 +73,11 @@ def test_the_package_imports_without_megatron():
             + "".join(f"import {m}\n" for m in modules) + "print('ok')\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test files by basename (no packages under tests/): two of a name break
+    the collection of the whole suite."""
+    names = [f for _, _, files in os.walk(os.path.join(ROOT, "tests")) for f in files
+             if f.startswith("test_") and f.endswith(".py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
