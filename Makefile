@@ -58,6 +58,7 @@ gpu-wheels:
 		$(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl $(GPU_WHEELS)
 
 gpu-check:
+	python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' || { echo "make gpu-check is for the GPU machine's python3 3.12 (torch preinstalled); here, the suite runs it at toy size (tests/e2e/test_gpu_check.py)"; exit 2; }
 	test -d .whl || { echo "no .whl/: run 'make gpu-wheels' where pip can download, and carry .whl here"; exit 2; }
 	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl
 	PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 python3 tools/gpu_check.py --out $(GPU_OUT)

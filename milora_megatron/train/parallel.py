@@ -40,10 +40,6 @@ class ParallelGroups:
             pp_last_rank=ps.get_pipeline_model_parallel_last_rank(),
         )
 
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp_size - 1
-
 
 def init_distributed(device: torch.device, tp: int, pp: int, seed: int) -> ParallelGroups:
     """torch.distributed (NCCL on a GPU, gloo on the CPU) and megatron's groups; then the
