@@ -8,7 +8,10 @@ Grams. So, per matrix:
 1. every rank forms its float64 Gram of the unsharded side; a ``reduce`` sums them on ONE
    owner rank (owners round-robin over the TP ranks, matrices round-robin over the
    data-parallel replicas, so eigensolves are split, never repeated);
-2. the owner solves only the r wanted eigenpairs and broadcasts the r-wide basis;
+2. the owner solves only the r wanted eigenpairs and broadcasts the r-wide basis. Matrices
+   go through these steps in phases (all reductions, then every owner's solves at once,
+   then the broadcasts), chunked so the Grams an owner holds stay within a budget: the
+   owners work at the same time instead of one after another;
 3. every rank projects its own shard onto it (``P_t = W_t V``, r-wide); a Rayleigh-Ritz
    step (a TSQR of P: each rank's r x r R factor is gathered by the owner, whose small
    SVD gives the rotation) fixes the singular values and the basis inside the subspace.
@@ -139,65 +142,127 @@ def _oriented(local: torch.Tensor, shard_dim: int) -> torch.Tensor:
     return local if shard_dim == 0 else local.t()
 
 
-def _extract_gram(w: ShardedWeight, rank: int, which: Which, group, owner: int) -> Subspace:
-    tp_size, tp_rank = _world(group)
-    x = _oriented(w.local, w.shard_dim).to(torch.float64)  # (n_sharded_local, n_unsharded)
+@dataclass
+class _Job:
+    """One matrix's state through the phases of ``_extract_grams``."""
+
+    index: int
+    weight: ShardedWeight
+    owner: int  # TP rank that reduces the Gram and solves the eigenproblem
+    flip: bool  # TP=1 only: the Gram is taken on the smaller side
+    n_unsharded: int
+    n_nonzero: int
+    gram: torch.Tensor | None = None  # on the owner, between phases 1 and 2
+    basis: torch.Tensor | None = None
+    top_sq: float = 0.0
+    proj: torch.Tensor | None = None
+    stack: list | None = None
+
+    def x(self) -> torch.Tensor:
+        """This rank's shard, float64, sharded side as rows (recomputed, not kept: at 8B one
+        float64 copy of up_proj is 470 MB)."""
+        x = _oriented(self.weight.local, self.weight.shard_dim).to(torch.float64)
+        return x.t() if self.flip else x
+
+
+def _job(index: int, w: ShardedWeight, owner: int, tp_size: int) -> _Job:
+    rows, cols = _oriented(w.local, w.shard_dim).shape
     # Unsharded (TP=1), either side may hold the Gram: take the smaller one (k_proj 1024 x 4096:
     # a 1024^2 eigenproblem instead of 4096^2). The sign convention stays on the usual side.
-    flip = tp_size == 1 and x.shape[0] < x.shape[1]
+    flip = tp_size == 1 and rows < cols
     if flip:
-        x = x.t()
-    n_unsharded = x.shape[1]
-    n_nonzero = min(x.shape[0] * tp_size, n_unsharded)
-    is_owner = tp_rank == owner
-    src = _global_rank(group, owner)
+        rows, cols = cols, rows
+    return _Job(index, w, owner, flip, n_unsharded=cols, n_nonzero=min(rows * tp_size, cols))
 
-    gram = x.t() @ x
-    if tp_size > 1:
-        dist.reduce(gram, dst=src, group=group)
-    basis = torch.empty(n_unsharded, rank, dtype=torch.float64, device=x.device)
-    if is_owner:
-        lo, hi = _selection(n_unsharded, n_nonzero, rank, which)
-        vals, vecs = _eigh_range(gram, lo, hi)
-        basis.copy_(vecs.to(basis.device))
-        # An upper bound of sigma_max^2 for the resolution floor: trace(G) for the minor
-        # end (its top eigenvalue was not computed), the top eigenvalue otherwise.
-        top_sq = float(gram.diagonal().sum()) if which == "minor" else float(vals[-1])
-    del gram
-    if tp_size > 1:
-        dist.broadcast(basis, src=src, group=group)
 
-    # Rayleigh-Ritz on the projected shard, through a TSQR so nothing is squared again:
-    # each rank's r x r R factor goes to the owner, whose small SVD gives the singular
-    # values of W V itself (zeros come out as ~eps * sigma_max, not sqrt(eps)).
-    proj = x @ basis  # (n_sharded_local, r): this rank's rows of (U Sigma)
-    r_local = torch.zeros(rank, rank, dtype=torch.float64, device=x.device)
-    r_fact = torch.linalg.qr(proj, mode="r").R
-    r_local[: r_fact.shape[0]] = r_fact
-    if tp_size > 1:
-        stack = [torch.empty_like(r_local) for _ in range(tp_size)] if is_owner else None
-        dist.gather(r_local, stack, dst=src, group=group)
-    else:
-        stack = [r_local]
-    packet = torch.empty(rank, rank + 1, dtype=torch.float64, device=x.device)  # [rotation | sigma]
-    if is_owner:
-        _, sigma, rot_h = torch.linalg.svd(torch.cat(stack), full_matrices=False)  # descending
-        rot = rot_h.t()
-        rot = rot * _sign_fix(basis @ rot)
-        floor = n_unsharded * _EPS64 * max(top_sq, 0.0) ** 0.5
-        packet[:, :rank] = rot
-        packet[:, rank] = torch.where(sigma <= floor, torch.zeros_like(sigma), sigma)
-    if tp_size > 1:
-        dist.broadcast(packet, src=src, group=group)
-    rot, sigma = packet[:, :rank], packet[:, rank]
-    degenerate = sigma == 0
-    unsharded_vecs = basis @ rot
-    derived = (proj @ rot) / torch.where(degenerate, 1.0, sigma)
-    derived[:, degenerate] = 0.0
-    if flip:
-        signs = _sign_fix(derived)
-        unsharded_vecs, derived = derived * signs, unsharded_vecs * signs
-    return _from_sides(w.name, sigma, derived, unsharded_vecs, w.shard_dim, degenerate)
+def _extract_grams(jobs: list[_Job], rank: int, which: Which, group, stats: dict) -> dict[int, Subspace]:
+    """One chunk of matrices, in phases, so that the owners solve at the same time:
+
+    1. every Gram is reduced to its owner (communication only);
+    2. every owner solves its own eigenproblems - all owners at once, no collective between;
+    3. the r-wide bases go out;
+    4. every rank projects its shard and its r x r R factor goes to the owner;
+    5. the owners' small SVDs (Rayleigh-Ritz), whose rotation and sigma go out.
+    Within a phase the matrices are taken in the same order on every rank."""
+    tp_size, tp_rank = _world(group)
+    src = {j.index: _global_rank(group, j.owner) for j in jobs}
+    pending = None  # 1: each reduction overlaps the next Gram's product (one in flight)
+    for j in jobs:
+        x = j.x()
+        gram = x.t() @ x
+        del x
+        if tp_size > 1:
+            handle = dist.reduce(gram, dst=src[j.index], group=group, async_op=True)
+            if pending is not None:
+                pending[0].wait()
+            pending = (handle, gram)  # the tensor stays referenced until its reduction is done
+        if j.owner == tp_rank:
+            j.gram = gram
+    if pending is not None:
+        pending[0].wait()
+    for j in jobs:  # 2
+        j.basis = torch.empty(j.n_unsharded, rank, dtype=torch.float64, device=j.weight.local.device)
+        if j.owner == tp_rank:
+            lo, hi = _selection(j.n_unsharded, j.n_nonzero, rank, which)
+            vals, vecs = _eigh_range(j.gram, lo, hi)
+            j.basis.copy_(vecs.to(j.basis.device))
+            # An upper bound of sigma_max^2 for the resolution floor: trace(G) for the minor
+            # end (its top eigenvalue was not computed), the top eigenvalue otherwise.
+            j.top_sq = float(j.gram.diagonal().sum()) if which == "minor" else float(vals[-1])
+            j.gram = None
+            stats["eigensolves"] = stats.get("eigensolves", 0) + 1
+    if tp_size > 1:  # 3
+        for handle in [dist.broadcast(j.basis, src=src[j.index], group=group, async_op=True) for j in jobs]:
+            handle.wait()
+    for j in jobs:  # 4: Rayleigh-Ritz through a TSQR, so nothing is squared again
+        j.proj = j.x() @ j.basis  # (n_sharded_local, r): this rank's rows of (U Sigma)
+        r_local = torch.zeros(rank, rank, dtype=torch.float64, device=j.proj.device)
+        r_fact = torch.linalg.qr(j.proj, mode="r").R
+        r_local[: r_fact.shape[0]] = r_fact
+        if tp_size > 1:
+            j.stack = [torch.empty_like(r_local) for _ in range(tp_size)] if j.owner == tp_rank else None
+            dist.gather(r_local, j.stack, dst=src[j.index], group=group)
+        else:
+            j.stack = [r_local]
+    out = {}
+    for j in jobs:  # 5: the owner's small SVD gives the singular values of W V itself
+        packet = torch.empty(rank, rank + 1, dtype=torch.float64, device=j.proj.device)  # [rotation | sigma]
+        if j.owner == tp_rank:
+            _, sigma, rot_h = torch.linalg.svd(torch.cat(j.stack), full_matrices=False)  # descending
+            rot = rot_h.t()
+            rot = rot * _sign_fix(j.basis @ rot)
+            floor = j.n_unsharded * _EPS64 * max(j.top_sq, 0.0) ** 0.5
+            packet[:, :rank] = rot
+            packet[:, rank] = torch.where(sigma <= floor, torch.zeros_like(sigma), sigma)
+        if tp_size > 1:
+            dist.broadcast(packet, src=src[j.index], group=group)
+        rot, sigma = packet[:, :rank], packet[:, rank]
+        degenerate = sigma == 0
+        unsharded_vecs = j.basis @ rot
+        derived = (j.proj @ rot) / torch.where(degenerate, 1.0, sigma)
+        derived[:, degenerate] = 0.0
+        if j.flip:
+            signs = _sign_fix(derived)
+            unsharded_vecs, derived = derived * signs, unsharded_vecs * signs
+        out[j.index] = _from_sides(j.weight.name, sigma, derived, unsharded_vecs, j.weight.shard_dim, degenerate)
+        j.proj = j.stack = j.basis = None
+    return out
+
+
+def _chunks(jobs: list[_Job], tp_size: int, budget_bytes: int) -> list[list[_Job]]:
+    """Consecutive jobs grouped so that no owner holds more than ``budget_bytes`` of Grams at
+    once (at least one each): at TP=8 an owner would otherwise hold 20 float64 4096^2 Grams."""
+    chunks, current, held = [], [], [0] * tp_size
+    for j in jobs:
+        size = j.n_unsharded ** 2 * 8
+        if current and held[j.owner] + size > budget_bytes:
+            chunks.append(current)
+            current, held = [], [0] * tp_size
+        current.append(j)
+        held[j.owner] += size
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def _extract_exact(w: ShardedWeight, rank: int, which: Which, group) -> Subspace:
@@ -224,6 +289,9 @@ def _extract_exact(w: ShardedWeight, rank: int, which: Which, group) -> Subspace
     return _from_sides(w.name, s, u_local, v, w.shard_dim, degenerate)
 
 
+GRAM_BUDGET_BYTES = 1 << 30  # float64 Grams an owner holds at once (a 4096^2 one is 128 MiB)
+
+
 @torch.no_grad()
 def extract_subspaces(
     weights: Sequence[ShardedWeight],
@@ -233,18 +301,26 @@ def extract_subspaces(
     dp_group=None,
     backend: Literal["gram", "exact"] = "gram",
     progress: bool = False,
+    stats: dict | None = None,
+    gram_budget_bytes: int = GRAM_BUDGET_BYTES,
 ) -> list[Subspace]:
     """r singular triplets for each weight, every TP rank receiving its own view.
 
     Collective over ``tp_group`` (and ``dp_group`` when given): every rank of both must call
-    it with the same list of weights in the same order.
+    it with the same list of weights in the same order. The matrices are split over the
+    data-parallel replicas, each replica's over its TP ranks as owners, and the owners solve
+    at the same time (see ``_extract_grams``). ``stats["eigensolves"]`` counts this rank's.
     """
     tp_size, _ = _world(tp_group)
     dp_size, dp_rank = _world(dp_group)
+    stats = stats if stats is not None else {}
+    stats.setdefault("eigensolves", 0)
     for w in weights:
         if w.local.dim() != 2 or w.shard_dim not in (0, 1):
             raise ValueError(f"{w.name}: expected a 2-D shard with shard_dim 0 or 1")
         check_rank(w, rank, tp_size)
+    if backend not in ("gram", "exact"):
+        raise ValueError(f"unknown subspace backend {backend!r} (expected 'gram' or 'exact')")
 
     bar = None
     if progress:
@@ -252,18 +328,20 @@ def extract_subspaces(
 
         bar = tqdm(total=len(weights), desc=f"{which} subspaces (r={rank})", unit="matrix")
     results: list[Subspace | None] = [None] * len(weights)
-    for i, w in enumerate(weights):
-        if i % dp_size != dp_rank:
-            continue
-        owner = (i // dp_size) % tp_size
-        if backend == "exact":
-            results[i] = _extract_exact(w, rank, which, tp_group)
-        elif backend == "gram":
-            results[i] = _extract_gram(w, rank, which, tp_group, owner)
-        else:
-            raise ValueError(f"unknown subspace backend {backend!r} (expected 'gram' or 'exact')")
-        if bar is not None:
-            bar.update(dp_size)
+    mine = [i for i in range(len(weights)) if i % dp_size == dp_rank]
+    if backend == "exact":
+        for i in mine:
+            results[i] = _extract_exact(weights[i], rank, which, tp_group)
+            stats["eigensolves"] += 1
+            if bar is not None:
+                bar.update(dp_size)
+    else:
+        jobs = [_job(i, weights[i], (i // dp_size) % tp_size, tp_size) for i in mine]
+        for chunk in _chunks(jobs, tp_size, gram_budget_bytes):
+            for index, sub in _extract_grams(chunk, rank, which, tp_group, stats).items():
+                results[index] = sub
+            if bar is not None:
+                bar.update(len(chunk) * dp_size)
     if dp_size > 1:
         results = _share_over_replicas(weights, results, rank, dp_group)
     if bar is not None:

@@ -83,3 +83,57 @@ def test_factors_independent_of_tp_and_only_r_wide_traffic(world, tp, which):
         for op, shape in result["sent"]:
             square_gram = len(shape) == 2 and shape[0] == shape[1] and shape[0] in (64, 128)
             assert square_gram or shape[-1] in (R, R + 1), (op, shape)
+
+
+def _phases_worker(n_mats):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from milora_megatron import subspace
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    events = []
+    originals = {name: getattr(dist, name) for name in ("reduce", "broadcast", "gather")}
+    solve = subspace._eigh_range
+
+    def recorder(name):
+        def call(tensor, *args, **kwargs):
+            events.append(name)
+            return originals[name](tensor, *args, **kwargs)
+        return call
+
+    for name in originals:
+        setattr(dist, name, recorder(name))
+    subspace._eigh_range = lambda *a, **k: (events.append("solve"), solve(*a, **k))[1]
+    try:
+        gen = torch.Generator().manual_seed(3)
+        full = [spectral_matrix(48, 32, cond=100.0, gen=gen) for _ in range(n_mats)]
+        weights = [ShardedWeight(f"m{i}", _local(w, 0, tp, rank), 0) for i, w in enumerate(full)]
+        stats = {}
+        subspace.extract_subspaces(weights, 4, "minor", ps.get_tensor_model_parallel_group(),
+                                   ps.get_data_parallel_group(), stats=stats)
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+        subspace._eigh_range = solve
+    return {"events": events, "eigensolves": stats["eigensolves"], "dp": ps.get_data_parallel_world_size()}
+
+
+@pytest.mark.parametrize("world,tp", [(2, 2), (4, 2)])
+def test_owners_solve_at_the_same_time_and_never_twice(world, tp):
+    """Counts, not timings: every matrix is solved once in the whole job (split over TP
+    owners and DP replicas), and on each rank all Gram reductions come before its solves,
+    which come before any basis broadcast: no owner waits for another owner's eigensolve."""
+    n = 8
+    results = run_distributed(_phases_worker, world=world, tp=tp, n_mats=n)
+    assert sum(r["eigensolves"] for r in results) == n  # never repeated
+    per_replica = n // (world // tp)
+    for r in results:
+        assert r["eigensolves"] == per_replica // tp  # split evenly over the owners
+        ev = r["events"]
+        first_solve = ev.index("solve")
+        last_solve = len(ev) - 1 - ev[::-1].index("solve")
+        assert ev[:first_solve] == ["reduce"] * per_replica  # phase 1: every Gram to its owner
+        assert set(ev[first_solve : last_solve + 1]) == {"solve"}  # phase 2: solves back to back
+        tail = ev[last_solve + 1 :]
+        assert tail[:per_replica] == ["broadcast"] * per_replica and tail.count("gather") == per_replica
