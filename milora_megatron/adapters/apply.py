@@ -75,7 +75,7 @@ def find_targets(model_chunks, cfg: AdapterConfig, tp_size: int) -> list[Adapted
 
 
 def apply_adapters(model_chunks, cfg: AdapterConfig, tp_group=None, dp_group=None, progress: bool = False,
-                   seed: int = 1234):
+                   seed: int = 1234, from_checkpoint: bool = False, stats: dict | None = None):
     """Adapt and initialise ``cfg.targets`` in this pipeline stage's model chunks.
 
     Collective over the TP group (and the DP group, which splits the SVD work): every rank
@@ -85,7 +85,7 @@ def apply_adapters(model_chunks, cfg: AdapterConfig, tp_group=None, dp_group=Non
         model_chunks = [model_chunks]
     tp_size = tp_group.size() if tp_group is not None else 1
     targets = find_targets(model_chunks, cfg, tp_size)
-    initialise_adapters(targets, cfg, tp_group, dp_group, progress, seed)
+    initialise_adapters(targets, cfg, tp_group, dp_group, progress, seed, from_checkpoint, stats)
     for chunk in model_chunks:
         for name, param in chunk.named_parameters():
             if ".adapters." not in name:
@@ -95,20 +95,33 @@ def apply_adapters(model_chunks, cfg: AdapterConfig, tp_group=None, dp_group=Non
 
 @torch.no_grad()
 def initialise_adapters(targets: list[AdaptedTarget], cfg: AdapterConfig, tp_group=None, dp_group=None,
-                        progress: bool = False, seed: int = 1234) -> None:
+                        progress: bool = False, seed: int = 1234, from_checkpoint: bool = False,
+                        stats: dict | None = None) -> None:
     """Give each adapted target its method's initial factors (collective, see apply_adapters).
-    ``seed``: for methods that draw (LoRA's A), the same at any TP size."""
+    ``seed``: for methods that draw (LoRA's A), the same at any TP size.
+
+    ``from_checkpoint``: the factors are about to be loaded from a checkpoint, which holds
+    A, B and A0, B0: install placeholders of the right shapes and solve nothing (then load
+    them with ``checkpoint.adapters.scatter_factors`` and call ``fold_initial``).
+    ``stats["eigensolves"]`` counts this rank's eigensolves."""
     tp_size = tp_group.size() if tp_group is not None else 1
     tp_rank = tp_group.rank() if tp_group is not None else 0
     variant = get_variant(cfg.method)
+    stats = stats if stats is not None else {}
+    stats.setdefault("eigensolves", 0)
 
     sharded = [ShardedWeight(t.name, t.local_weight(), t.shard_dim) for t in targets]
     for w in sharded:
         check_rank(w, cfg.rank, tp_size)
+    if from_checkpoint:
+        for t, w in zip(targets, sharded):
+            out, inp = w.local.shape
+            _install(t, torch.zeros(cfg.rank, inp), torch.zeros(out, cfg.rank), cfg, variant)
+        return
     subspaces = [None] * len(targets)
     if variant.subspace is not None:
         subspaces = extract_subspaces(
-            sharded, cfg.rank, variant.subspace, tp_group, dp_group, cfg.svd_backend, progress
+            sharded, cfg.rank, variant.subspace, tp_group, dp_group, cfg.svd_backend, progress, stats=stats
         )
 
     for t, w, sub in zip(targets, sharded, subspaces):
@@ -117,7 +130,9 @@ def initialise_adapters(targets: list[AdaptedTarget], cfg: AdapterConfig, tp_gro
             rank=cfg.rank, scaling=cfg.scaling, tp_rank=tp_rank, tp_size=tp_size,
             tp_group=tp_group, seed=seed, subspace=sub,
         )
-        _install(t, variant.init(ctx), cfg)
+        factors = variant.init(ctx)
+        _install(t, factors.a, factors.b, cfg, variant)
+    fold_initial(targets, cfg)
 
 
 def adapt_linear(module, target: str, cfg: AdapterConfig, tp_group=None, name: str | None = None,
@@ -136,19 +151,29 @@ def adapt_linear(module, target: str, cfg: AdapterConfig, tp_group=None, name: s
     return adapted
 
 
-def _install(t: AdaptedTarget, factors, cfg: AdapterConfig) -> None:
-    """The factors as float32 masters (see TargetAdapter); merge mode folds the same
-    float32 s*B0*A0 out of W that the export later adds back."""
+def _install(t: AdaptedTarget, a: torch.Tensor, b: torch.Tensor, cfg: AdapterConfig, variant) -> None:
+    """The factors as float32 masters (see TargetAdapter), with what the method declares:
+    which of them train, and whether A0/B0 are kept."""
     weight = t.module.weight
-    a = factors.a.to(device=weight.device, dtype=torch.float32)
-    b = factors.b.to(device=weight.device, dtype=torch.float32)
-    if factors.subtract_initial and cfg.residual == "merge":
-        with torch.no_grad():
-            region = t.layout.view(weight, t.target) if t.shard_dim == 0 else weight
-            delta = (cfg.scaling * (b.double() @ a.double())).view(region.shape)
-            region.copy_((region.to(torch.float64) - delta).to(weight.dtype))
     t.module.adapters[t.target] = TargetAdapter(
-        a, b, cfg.scaling, factors.train_a, factors.train_b, initial=factors.subtract_initial,
+        a.to(device=weight.device, dtype=torch.float32), b.to(device=weight.device, dtype=torch.float32),
+        cfg.scaling, variant.train_a, variant.train_b, initial=variant.subtracts_initial,
         residual_branch=cfg.residual == "branch",
         split_dims=(t.factor_split_dim("lora_A"), t.factor_split_dim("lora_B")),
     )
+
+
+@torch.no_grad()
+def fold_initial(targets: list[AdaptedTarget], cfg: AdapterConfig) -> None:
+    """Merge mode: write W - s*B0*A0 into W (float64 arithmetic, the same float32 B0, A0 the
+    export later adds back). Branch mode leaves W untouched."""
+    if cfg.residual != "merge":
+        return
+    for t in targets:
+        ad = t.adapter
+        if ad.lora_A0 is None:
+            continue
+        weight = t.module.weight
+        region = t.layout.view(weight, t.target) if t.shard_dim == 0 else weight
+        delta = (cfg.scaling * (ad.lora_B0.double() @ ad.lora_A0.double())).view(region.shape)
+        region.copy_((region.to(torch.float64) - delta).to(weight.dtype))

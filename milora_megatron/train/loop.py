@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..adapters.apply import AdaptedTarget, apply_adapters
+from ..adapters.apply import AdaptedTarget, apply_adapters, fold_initial
 from ..checkpoint.adapters import (AdapterCheckpoint, diverged, local_factors, save_adapter_checkpoint, scatter_factors,
                                    step_dir)
 from ..checkpoint.atomic import write_json_atomic
@@ -169,8 +169,11 @@ class Trainer:
         self.model = build_gpt(shape, mcfg).to(device)
         self.base.load_into(self.model, g.tp_rank, g.tp_size)
         self.peft = cfg.peft
-        self.targets: list[AdaptedTarget] = apply_adapters(self.model, self.peft, g.tp, g.dp, progress=self.rank == 0,
-                                                           seed=t.seed)
+        # a resume loads A, B, A0, B0 from its checkpoint: no eigensolve at all
+        self.init_stats = {"source": "checkpoint" if self.plan["resume"] is not None else "init"}
+        self.targets: list[AdaptedTarget] = apply_adapters(
+            self.model, self.peft, g.tp, g.dp, progress=self.rank == 0, seed=t.seed,
+            from_checkpoint=self.plan["resume"] is not None, stats=self.init_stats)
         self.init_s = time.perf_counter() - start
         verifying.result()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -189,11 +192,16 @@ class Trainer:
         """Load the checkpoint the run-folder plan chose, or record a fresh start."""
         g = self.groups
         notes = self.plan["notes"]
+        solves = [None] * dist.get_world_size()
+        dist.all_gather_object(solves, self.init_stats["eigensolves"])
+        self.metrics.log({"event": "init", "init_s": round(self.init_s, 3), "factors_from": self.init_stats["source"],
+                          "eigensolves_per_rank": solves}, console=False)
         if self.plan["resume"] is not None:
             latest = AdapterCheckpoint(self.plan["resume"])  # verified on rank 0 by the plan
             if not self.base.is_the_base_of(latest.meta["base"]["fingerprint"]):
                 raise ValueError(f"{self.out} was trained on another base checkpoint ({latest.meta['base']['path']})")
             scatter_factors(self.targets, latest.tensors(), g.tp_rank, g.tp_size)
+            fold_initial(self.targets, self.peft)  # merge mode: W - s B0 A0, from the loaded B0, A0
             state = load_state(latest, self.rank)
             self.optimizer.load_state_dict(state["optimizer"])
             self.step, self.position = state["step"], state["position"]

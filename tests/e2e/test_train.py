@@ -75,6 +75,27 @@ def test_resume_after_kill_continues_exactly(setup, tmp_path):
     got = last_losses(out)
     assert sorted(got) == list(range(1, 13))
     assert got == expected  # bit-identical in fp32 on CPU, dropout included
+    inits = [r for r in records(out) if r.get("event") == "init"]
+    assert inits[0]["factors_from"] == "init" and sum(inits[0]["eigensolves_per_rank"]) == 4 * 5  # layers x targets
+    assert inits[-1]["factors_from"] == "checkpoint" and inits[-1]["eigensolves_per_rank"] == [0]  # a resume solves nothing
+
+
+def test_resume_in_merge_mode_continues_exactly(setup, tmp_path):
+    """Merge mode writes W - s B0 A0 into W; a resume rebuilds that from the checkpoint's B0,
+    A0 (no SVD) and continues bit-identically."""
+    root, ckpt = setup
+    extra = {"train.iters": 4, "output.save_every": 2, "output.keep_last": 3, "parallel.tp": 2,
+             "peft.residual": "merge", "train.seq_len": 128}
+    run(2, common(root, ckpt, tmp_path / "straight", **extra))
+    expected = last_losses(tmp_path / "straight")
+    out = tmp_path / "resumed"
+    run(2, common(root, ckpt, out, **extra))
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step_0000004")  # as if the run had stopped after step 2
+    run(2, common(root, ckpt, out, **extra))
+    assert [r for r in records(out) if r.get("event") == "resumed"][-1]["from"].endswith("step_0000002")
+    assert last_losses(out) == expected
 
 
 def test_sigterm_saves_and_exits_cleanly(setup, tmp_path):

@@ -33,10 +33,6 @@ class InitContext:
 class Factors:
     a: torch.Tensor  # this rank's A (r x in_local), float64
     b: torch.Tensor  # this rank's B (out_local x r), float64
-    train_a: bool = True
-    train_b: bool = True
-    # True when W must lose s*B0*A0 so the model starts unchanged (PiSSA, MiLoRA).
-    subtract_initial: bool = False
 
 
 class Variant(abc.ABC):
@@ -46,6 +42,11 @@ class Variant(abc.ABC):
     display_name: ClassVar[str]  # for tables and plots, e.g. "MiLoRA"
     subspace: ClassVar[Which | None] = None  # which singular triplets init needs, if any
     paper_alpha_per_rank: ClassVar[float] = 1.0  # alpha / rank in the papers' settings
+    train_a: ClassVar[bool] = True
+    train_b: ClassVar[bool] = True
+    # True when W must lose s*B0*A0 so the model starts unchanged (PiSSA, MiLoRA): the
+    # adapter keeps A0, B0 beside A, B
+    subtracts_initial: ClassVar[bool] = False
 
     @abc.abstractmethod
     def init(self, ctx: InitContext) -> Factors:
@@ -75,5 +76,5 @@ def svd_factors(ctx: InitContext) -> Factors:
     """B = U sqrt(S/s), A = sqrt(S/s) V^T, so that s*B*A = U S V^T (PiSSA and MiLoRA)."""
     sub = ctx.subspace
     root = (sub.sigma / ctx.scaling).sqrt()
-    return Factors(a=(sub.v * root).t().contiguous(), b=sub.u * root, subtract_initial=True)
+    return Factors(a=(sub.v * root).t().contiguous(), b=sub.u * root)
 

@@ -13,8 +13,9 @@ class MiCA(Variant):
     name = "mica"
     display_name = "MiCA"
     subspace = "minor"
+    train_b = False
 
     def init(self, ctx: InitContext) -> Factors:
         b = left_orthonormal(ctx.subspace, ctx.tp_group)
         a = torch.zeros(ctx.rank, ctx.local_shape[1], dtype=torch.float64)
-        return Factors(a=a, b=b, train_b=False)
+        return Factors(a=a, b=b)

@@ -8,6 +8,7 @@ class MiLoRA(Variant):
 
     name = "milora"
     display_name = "MiLoRA"
+    subtracts_initial = True
     subspace = "minor"
 
     def init(self, ctx: InitContext) -> Factors:

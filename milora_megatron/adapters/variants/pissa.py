@@ -7,6 +7,7 @@ class PiSSA(Variant):
 
     name = "pissa"
     display_name = "PiSSA"
+    subtracts_initial = True
     subspace = "principal"
 
     def init(self, ctx: InitContext) -> Factors:
