@@ -10,6 +10,7 @@ import torch
 from ..mapping import PROJECTIONS, FusedLayout, layer_layouts
 from ..subspace import ShardedWeight, check_rank, extract_subspaces, full_shape
 from .config import AdapterConfig
+from .init_cache import cached_subspaces
 from .layer import TargetAdapter, adapt_in_place
 from .variants import InitContext, get_variant
 
@@ -75,17 +76,19 @@ def find_targets(model_chunks, cfg: AdapterConfig, tp_size: int) -> list[Adapted
 
 
 def apply_adapters(model_chunks, cfg: AdapterConfig, tp_group=None, dp_group=None, progress: bool = False,
-                   seed: int = 1234, from_checkpoint: bool = False, stats: dict | None = None):
+                   seed: int = 1234, from_checkpoint: bool = False, stats: dict | None = None,
+                   base_fingerprint: str | None = None):
     """Adapt and initialise ``cfg.targets`` in this pipeline stage's model chunks.
 
     Collective over the TP group (and the DP group, which splits the SVD work): every rank
-    of the stage must call it. Only this stage's layers are touched.
+    of the stage must call it. Only this stage's layers are touched. ``base_fingerprint``
+    identifies the weights for ``cfg.init_cache`` (without one the cache is not used).
     """
     if isinstance(model_chunks, torch.nn.Module):
         model_chunks = [model_chunks]
     tp_size = tp_group.size() if tp_group is not None else 1
     targets = find_targets(model_chunks, cfg, tp_size)
-    initialise_adapters(targets, cfg, tp_group, dp_group, progress, seed, from_checkpoint, stats)
+    initialise_adapters(targets, cfg, tp_group, dp_group, progress, seed, from_checkpoint, stats, base_fingerprint)
     for chunk in model_chunks:
         for name, param in chunk.named_parameters():
             if ".adapters." not in name:
@@ -96,14 +99,15 @@ def apply_adapters(model_chunks, cfg: AdapterConfig, tp_group=None, dp_group=Non
 @torch.no_grad()
 def initialise_adapters(targets: list[AdaptedTarget], cfg: AdapterConfig, tp_group=None, dp_group=None,
                         progress: bool = False, seed: int = 1234, from_checkpoint: bool = False,
-                        stats: dict | None = None) -> None:
+                        stats: dict | None = None, base_fingerprint: str | None = None) -> None:
     """Give each adapted target its method's initial factors (collective, see apply_adapters).
     ``seed``: for methods that draw (LoRA's A), the same at any TP size.
 
     ``from_checkpoint``: the factors are about to be loaded from a checkpoint, which holds
     A, B and A0, B0: install placeholders of the right shapes and solve nothing (then load
     them with ``checkpoint.adapters.scatter_factors`` and call ``fold_initial``).
-    ``stats["eigensolves"]`` counts this rank's eigensolves."""
+    ``stats["eigensolves"]`` counts this rank's eigensolves (and ``cache_hits``/``cache_misses``
+    the targets read from and added to ``cfg.init_cache``)."""
     tp_size = tp_group.size() if tp_group is not None else 1
     tp_rank = tp_group.rank() if tp_group is not None else 0
     variant = get_variant(cfg.method)
@@ -119,7 +123,10 @@ def initialise_adapters(targets: list[AdaptedTarget], cfg: AdapterConfig, tp_gro
             _install(t, torch.zeros(cfg.rank, inp), torch.zeros(out, cfg.rank), cfg, variant)
         return
     subspaces = [None] * len(targets)
-    if variant.subspace is not None:
+    if variant.subspace is not None and cfg.init_cache and base_fingerprint:
+        subspaces = cached_subspaces(cfg.init_cache, base_fingerprint, sharded, cfg.rank, variant.subspace, tp_group,
+                                     dp_group, cfg.svd_backend, progress, stats=stats)
+    elif variant.subspace is not None:
         subspaces = extract_subspaces(
             sharded, cfg.rank, variant.subspace, tp_group, dp_group, cfg.svd_backend, progress, stats=stats
         )

@@ -30,6 +30,11 @@ class AdapterConfig:
                   "writes W - s B0 A0 into W (as the paper and PEFT; in bf16 it rounds W)")
     svd_backend: Literal["gram", "exact"] = option("gram", "gram (distributed fp64 Gram + eigh) | exact "
                                                            "(gathers W, fp64 SVD; debugging only)")
+    init_cache: str | None = option(
+        None, "folder caching the singular triplets per base checkpoint, side (minor/principal), rank and "
+              "svd_backend: later runs on the same base (a sweep, another method of the same side, another "
+              "TP/PP layout) skip the SVD; entries are checksummed and checked against the weights, a bad "
+              "one is recomputed; empty/null: no cache")
 
     def __post_init__(self):
         if self.alpha is None:

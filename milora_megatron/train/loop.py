@@ -171,9 +171,15 @@ class Trainer:
         self.peft = cfg.peft
         # a resume loads A, B, A0, B0 from its checkpoint: no eigensolve at all
         self.init_stats = {"source": "checkpoint" if self.plan["resume"] is not None else "init"}
+        # the init cache needs weights with an identity; random stand-in weights have none
+        fingerprint = self.base.fingerprint if isinstance(self.base, BaseCheckpoint) else None
+        if self.peft.init_cache and fingerprint is None and self.rank == 0:
+            print("peft.init_cache is not used: the base weights are random stand-ins", flush=True)
         self.targets: list[AdaptedTarget] = apply_adapters(
             self.model, self.peft, g.tp, g.dp, progress=self.rank == 0, seed=t.seed,
-            from_checkpoint=self.plan["resume"] is not None, stats=self.init_stats)
+            from_checkpoint=self.plan["resume"] is not None, stats=self.init_stats, base_fingerprint=fingerprint)
+        if self.init_stats.get("cache_hits") and not self.init_stats.get("cache_misses"):
+            self.init_stats["source"] = "cache"
         self.init_s = time.perf_counter() - start
         verifying.result()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -192,10 +198,17 @@ class Trainer:
         """Load the checkpoint the run-folder plan chose, or record a fresh start."""
         g = self.groups
         notes = self.plan["notes"]
-        solves = [None] * dist.get_world_size()
-        dist.all_gather_object(solves, self.init_stats["eigensolves"])
-        self.metrics.log({"event": "init", "init_s": round(self.init_s, 3), "factors_from": self.init_stats["source"],
-                          "eigensolves_per_rank": solves}, console=False)
+        per_rank = [None] * dist.get_world_size()
+        s = self.init_stats
+        dist.all_gather_object(per_rank, (s["eigensolves"], s["source"], s.get("cache_hits"), s.get("cache_misses")))
+        event = {"event": "init", "init_s": round(self.init_s, 3), "eigensolves_per_rank": [r[0] for r in per_rank]}
+        sources = {r[1] for r in per_rank}  # a stage may read the cache while another fills it
+        event["factors_from"] = sources.pop() if len(sources) == 1 else "cache+init"
+        if self.peft.init_cache and per_rank[0][2] is not None:
+            event["cache_hits_per_rank"] = [r[2] for r in per_rank]  # targets of the rank's stage
+            event["cache_misses_per_rank"] = [r[3] for r in per_rank]
+            event["init_cache"] = os.path.abspath(self.peft.init_cache)
+        self.metrics.log(event, console=False)
         if self.plan["resume"] is not None:
             latest = AdapterCheckpoint(self.plan["resume"])  # verified on rank 0 by the plan
             if not self.base.is_the_base_of(latest.meta["base"]["fingerprint"]):

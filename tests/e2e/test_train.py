@@ -159,3 +159,22 @@ def test_recompute_and_reduced_precision(setup, tmp_path):
     assert recorded["dtype"] == "float16" and recorded["device"] == "cpu"
 
 
+
+
+def test_init_cache_serves_another_layout_and_method(setup, tmp_path):
+    """A MiLoRA run at TP=2 fills peft.init_cache; a MiCA run (the same minor side) at TP=1
+    then solves nothing and trains exactly as a MiCA run without the cache."""
+    root, ckpt = setup
+    cache = {"peft.init_cache": str(tmp_path / "cache"), "train.iters": 3}
+    run(2, common(root, ckpt, tmp_path / "filler", **{"parallel.tp": 2, **cache}))
+    fill = [r for r in records(tmp_path / "filler") if r.get("event") == "init"][0]
+    assert fill["factors_from"] == "init" and sum(fill["eigensolves_per_rank"]) == 4 * 5
+    assert fill["cache_misses_per_rank"] == [20, 20] and fill["cache_hits_per_rank"] == [0, 0]
+    mica = {"peft.method": "mica", "parallel.tp": 1, "train.iters": 3}
+    cache = {"peft.init_cache": cache["peft.init_cache"]}
+    run(1, common(root, ckpt, tmp_path / "reader", **mica, **cache))
+    read = [r for r in records(tmp_path / "reader") if r.get("event") == "init"][0]
+    assert read["factors_from"] == "cache" and read["eigensolves_per_rank"] == [0] and read["cache_hits_per_rank"] == [20]
+    run(1, common(root, ckpt, tmp_path / "plain", **mica))
+    got, expected = losses(tmp_path / "reader"), losses(tmp_path / "plain")
+    assert len(got) == 3 and max(abs(a - b) / abs(b) for a, b in zip(got, expected)) <= 1e-5, (got, expected)
