@@ -19,9 +19,7 @@ from .hf_folder import HFFolder
 from ..mapping.llama import (
     EMBEDDING,
     FINAL_NORM,
-    HF_LAYER_NAMES,
     LM_HEAD,
-    hf_layer_shapes,
     hf_layer_prefix,
     hf_to_megatron_layer,
     megatron_layer_prefix,
@@ -35,7 +33,7 @@ def expected_hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
     out = {EMBEDDING[0]: (shape.vocab, shape.hidden), FINAL_NORM[0]: (shape.hidden,)}
     if not shape.tied:
         out[LM_HEAD[0]] = (shape.vocab, shape.hidden)
-    layer = hf_layer_shapes(shape.heads, shape.kv_heads, shape.kv_channels, shape.ffn, shape.hidden)
+    layer = shape.layer_shapes()
     for i in range(shape.layers):
         out.update({hf_layer_prefix(i) + n: s for n, s in layer.items()})
     return out
@@ -51,7 +49,7 @@ def check_hf_tensors(hf: HFFolder, shape: LlamaShape) -> None:
         raise ValueError(f"{hf.path} lacks {len(missing)} tensor(s) the config implies, e.g. {missing[:3]}")
     extra = present - set(expected) - ({LM_HEAD[0]} if shape.tied else set())
     if extra:
-        raise ValueError(f"{hf.path} has tensors this Llama converter does not know: {sorted(extra)[:5]}")
+        raise ValueError(f"{hf.path} has tensors a {shape.family} model does not have: {sorted(extra)[:5]}")
     for name, want in expected.items():
         got = hf.shape_of(name)
         if got != want:
@@ -95,7 +93,7 @@ def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtyp
         units.update()
         layouts = shape.layer_layouts()
         for i in range(shape.layers):
-            layer = {n: hf.tensor(hf_layer_prefix(i) + n) for n in HF_LAYER_NAMES}
+            layer = {n: hf.tensor(hf_layer_prefix(i) + n) for n in shape.layer_shapes()}
             meg = hf_to_megatron_layer(layer, layouts)
             del layer
             write(tmp, fmt.layer_file(i), {megatron_layer_prefix(i) + k: v for k, v in meg.items()})

@@ -45,18 +45,19 @@ class FusedLayout:
 
     # ---- HF <-> fused (global) ------------------------------------------------------------
     def fuse(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The global fused weight from the HF matrices of its pieces."""
-        inp = parts[self.pieces[0][0]].shape[1]
-        blocks = [parts[name].reshape(self.groups, rows, inp) for name, rows in self.pieces]
-        return torch.cat(blocks, dim=1).reshape(self.rows, inp)
+        """The global fused weight (or 1-D bias) from the HF tensors of its pieces."""
+        trailing = tuple(parts[self.pieces[0][0]].shape[1:])
+        blocks = [parts[name].reshape(self.groups, rows, *trailing) for name, rows in self.pieces]
+        return torch.cat(blocks, dim=1).reshape(self.rows, *trailing)
 
     def unfuse(self, fused: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The HF matrices of the pieces from a global fused weight (the inverse of ``fuse``)."""
-        grouped = fused.reshape(self.groups, self.group_rows, -1)
+        """The HF tensors of the pieces from a global fused one (the inverse of ``fuse``)."""
+        trailing = tuple(fused.shape[1:])
+        grouped = fused.reshape(self.groups, self.group_rows, *trailing)
         out = {}
         for name, rows in self.pieces:
             offset, _ = self._offset(name)
-            out[name] = grouped[:, offset : offset + rows].reshape(self.groups * rows, -1).clone()
+            out[name] = grouped[:, offset : offset + rows].reshape(self.groups * rows, *trailing).clone()
         return out
 
     # ---- tensor parallelism ----------------------------------------------------------------

@@ -76,13 +76,17 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
 
 
-def local_layer_spec():
-    """megatron-core's local GPT layer spec with the two modules above swapped in."""
+def local_layer_spec(qk_norm: bool = False):
+    """megatron-core's local GPT layer spec with the two modules above swapped in (``qk_norm``:
+    Qwen3's per-head RMSNorm on q and k, our RMSNorm over the head dimension)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
+    if qk_norm:
+        spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
+        spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 

@@ -1,4 +1,5 @@
-"""Llama-family models (Llama 2, 3, 3.1, 3.2) as megatron-core GPTModels, from an HF config.
+"""Llama-like decoders (Llama, Mistral, Qwen2/2.5, Qwen3: models/families/) as megatron-core
+GPTModels, from an HF config.
 
 What the HF ``config.json`` says and megatron has no flag for is handled here: the
 ``llama3`` rope scaling (the inverse frequencies come from transformers itself), tied
@@ -13,10 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..mapping.llama import layer_layouts
+from ..mapping.llama import hf_layer_shapes, layer_layouts
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
 VOCAB_PAD_MULTIPLE = 128
 RECOMPUTE = ("none", "selective", "full")
 
@@ -35,6 +34,10 @@ class LlamaShape:
     rope_scaling: dict | None = None  # HF rope parameters of type "llama3"
     rms_eps: float = 1e-5
     tied: bool = False
+    family: str = "llama"  # models/families/: what the layers hold beyond Llama's
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None  # None: full attention
     hf_config: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -43,36 +46,27 @@ class LlamaShape:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "LlamaShape":
-        """Validate an HF ``config.json`` (as a dict) and read the shape from it."""
-        archs = cfg.get("architectures") or []
-        if cfg.get("model_type") != "llama" or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
-            raise ValueError(
-                f"unsupported architecture {archs or cfg.get('model_type')!r} (model_type "
-                f"{cfg.get('model_type')!r}); supported: {list(SUPPORTED_ARCHITECTURES)} (model_type 'llama')"
-            )
-        for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-            if cfg.get(key, expected) != expected:
-                raise ValueError(f"unsupported Llama config: {key}={cfg[key]!r} (supported: {expected!r})")
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(f"unsupported rope type {rope_type!r}; supported: {list(SUPPORTED_ROPE_TYPES)}")
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        heads = cfg["num_attention_heads"]
-        kv = cfg.get("num_key_value_heads") or heads
-        if heads % kv:
-            raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
-        return cls(
-            layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], heads=heads, kv_heads=kv,
-            ffn=cfg["intermediate_size"], vocab=cfg["vocab_size"], head_dim=cfg.get("head_dim"),
-            max_seq=cfg.get("max_position_embeddings", 4096), rope_theta=float(theta),
-            rope_scaling=rope if rope_type == "llama3" else None, rms_eps=cfg.get("rms_norm_eps", 1e-5),
-            tied=bool(cfg.get("tie_word_embeddings", False)), hf_config=dict(cfg),
-        )
+        """Validate an HF ``config.json`` (as a dict) and read the shape from it (models.families)."""
+        from .families import family_for
+
+        return cls(**family_for(cfg).read(cfg), hf_config=dict(cfg))
+
+    def check_seq_len(self, seq_len: int) -> None:
+        if seq_len > self.max_seq:
+            raise ValueError(f"train.seq_len {seq_len} exceeds the model's max_position_embeddings {self.max_seq}")
+        if self.sliding_window is not None and self.sliding_window < seq_len:
+            raise ValueError(f"this {self.family} model attends within a sliding window of {self.sliding_window} "
+                             f"tokens, shorter than train.seq_len {seq_len}; full causal attention cannot honour "
+                             f"it: set train.seq_len <= {self.sliding_window}")
 
     def layer_layouts(self) -> dict:
         """Each decoder-layer linear's fused layout (mapping.llama.layer_layouts)."""
         return layer_layouts(self.heads, self.kv_heads, self.kv_channels, self.ffn, self.hidden)
+
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every HF tensor of a decoder layer with its shape (names relative to the layer)."""
+        return hf_layer_shapes(self.heads, self.kv_heads, self.kv_channels, self.ffn, self.hidden,
+                               qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
 
     def check_parallel(self, tp: int, pp: int) -> None:
         for n, what in ((self.heads, "attention heads"), (self.kv_heads, "KV heads (query groups)"),
@@ -114,7 +108,8 @@ def transformer_config(shape: LlamaShape, tp: int = 1, pp: int = 1, sp: bool = F
         num_layers=shape.layers, hidden_size=shape.hidden, num_attention_heads=shape.heads,
         num_query_groups=shape.kv_heads, ffn_hidden_size=shape.ffn, kv_channels=shape.kv_channels,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, normalization="RMSNorm",
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=shape.qkv_bias,
+        qk_layernorm=shape.qk_norm, normalization="RMSNorm",
         layernorm_epsilon=shape.rms_eps, use_cpu_initialization=torch.device(device).type == "cpu",
         perform_initialization=perform_initialization,
         gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
@@ -151,7 +146,7 @@ def build_gpt(shape: LlamaShape, config):
 
     from .layers import RMSNorm, local_layer_spec
 
-    layer = local_layer_spec()
+    layer = local_layer_spec(qk_norm=shape.qk_norm)
     block = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=RMSNorm)
     tp = config.tensor_model_parallel_size
     model = GPTModel(

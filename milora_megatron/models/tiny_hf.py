@@ -1,4 +1,5 @@
-"""Tiny Llama models in Hugging Face format, built locally (nothing is downloaded): for the
+"""Tiny decoders in Hugging Face format (Llama, and Qwen2, Qwen3, Mistral for the family
+tests), built locally from transformers' own config classes: nothing is downloaded. For the
 demo, the tests and the replication scripts."""
 
 from __future__ import annotations
@@ -25,17 +26,47 @@ def hf_config(tied: bool = False, **shape):
     )
 
 
+def family_config(family: str, tied: bool = False, **shape):
+    """A tiny config of ``family`` (llama, qwen2, qwen3, mistral), GQA, with what sets the
+    family apart: Qwen2's q/k/v biases and large rope theta, Qwen3's q/k norms and a head_dim
+    that is not hidden / heads, Mistral's sliding window (here longer than any test sequence)."""
+    import transformers
+
+    if family == "llama":
+        return hf_config(tied, **shape)
+    s = {**TINY, **shape}
+    common = dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                  num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                  max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=tied, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                        architectures=["Qwen2ForCausalLM"])
+    if family == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=s.get("head_dim", 2 * s["hidden"] // s["heads"]),
+                                        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                        architectures=["Qwen3ForCausalLM"])
+    if family == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=s.get("sliding_window", 4096),
+                                          architectures=["MistralForCausalLM"])
+    raise ValueError(f"no tiny config for family {family!r}")
+
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
 def make_hf_llama(path: str, tied: bool = False, seed: int = 0, dtype=torch.float32,
-                  max_shard_size: str = "100KB", **shape):
-    """Save a random tiny Llama at ``path`` (sharded safetensors + index) and return the model.
+                  max_shard_size: str = "100KB", family: str = "llama", **shape):
+    """Save a random tiny model of ``family`` at ``path`` (sharded safetensors + index) and
+    return it.
 
     Weights are scaled so activations and logits are O(1): with HF's default 0.02 init the
     logits are ~1e-3 and any comparison at 1e-4 would be vacuous.
     """
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(hf_config(tied, **shape))
+    model = AutoModelForCausalLM.from_config(family_config(family, tied, **shape))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:

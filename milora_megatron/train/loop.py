@@ -156,8 +156,7 @@ class Trainer:
         self.stop = stop
         self.base = base if base is not None else BaseCheckpoint(cfg.model.load)
         shape = self.base.shape
-        if t.seq_len > shape.max_seq:
-            raise ValueError(f"train.seq_len {t.seq_len} exceeds the model's max_position_embeddings {shape.max_seq}")
+        shape.check_seq_len(t.seq_len)
         shape.check_parallel(g.tp_size, g.pp_size)
         # cheap checks first: the run folder (lock, resume plan) and the data, then the model
         self.plan, self.lock = folder if folder is not None else prepare(cfg, dist.get_world_size())

@@ -1,10 +1,12 @@
 """The megatron model built from an HF config.json and a converted checkpoint gives the HF
-model's logits (fp32), at TP1, TP2, PP2 and TP2xPP2, tied and untied, vocab 1000 (padded)."""
+model's logits (fp32), at TP1, TP2, PP2 and TP2xPP2, tied and untied, vocab 1000 (padded),
+for every family (Llama; Qwen2 with q/k/v biases and tied embeddings; Qwen3 with q/k norms
+and head_dim != hidden / heads; Mistral), each built by transformers from its own config."""
 
 import pytest
 import torch
 from distributed import run_distributed
-from hf_tiny import hf_logits, make_hf_llama
+from hf_tiny import FAMILIES, hf_logits, make_hf_llama
 
 TOL = 1e-4
 
@@ -34,9 +36,10 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_model")
     tokens = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     refs, ckpts = {}, {}
-    for tied in (False, True):
-        key = "tied" if tied else "untied"
-        model = make_hf_llama(str(root / key), tied=tied, seed=int(tied))
+    models = [("untied", "llama", False), ("tied", "llama", True)]
+    models += [(family, family, family == "qwen2") for family in FAMILIES if family != "llama"]
+    for key, family, tied in models:
+        model = make_hf_llama(str(root / key), tied=tied, seed=len(refs), family=family)
         refs[key] = hf_logits(model, tokens)
         ckpts[key] = convert_hf_to_megatron(str(root / key), str(root / f"{key}_ckpt"), tp=2, pp=2, progress=False)
     return tokens, refs, ckpts

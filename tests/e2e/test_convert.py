@@ -30,15 +30,18 @@ def _all_tensors(folder):
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
     dirs = {}
-    for key, tied, dtype in (("untied_bf16", False, torch.bfloat16), ("tied_fp32", True, torch.float32)):
-        make_hf_llama(str(root / key), tied=tied, dtype=dtype, seed=3)
+    for key, family, tied, dtype in (("untied_bf16", "llama", False, torch.bfloat16),
+                                     ("tied_fp32", "llama", True, torch.float32), ("qwen2", "qwen2", True, torch.bfloat16),
+                                     ("qwen3", "qwen3", False, torch.bfloat16), ("mistral", "mistral", False, torch.bfloat16)):
+        make_hf_llama(str(root / key), tied=tied, dtype=dtype, seed=3, family=family)
         with open(root / key / "tokenizer_config.json", "w") as f:  # a side file that must travel along
             json.dump({"model_max_length": 256}, f)
         dirs[key] = str(root / key)
     return root, dirs
 
 
-@pytest.mark.parametrize("key,dtype", [("untied_bf16", None), ("tied_fp32", None), ("untied_bf16", "fp32")])
+@pytest.mark.parametrize("key,dtype", [("untied_bf16", None), ("tied_fp32", None), ("untied_bf16", "fp32"),
+                                       ("qwen2", None), ("qwen3", None), ("mistral", None)])
 def test_round_trip_is_bit_identical(hf_dirs, tmp_path, key, dtype):
     _, dirs = hf_dirs
     ckpt = convert_hf_to_megatron(dirs[key], str(tmp_path / "ckpt"), tp=2, pp=2, dtype=dtype, progress=False)
@@ -115,7 +118,10 @@ def _transpose_down_proj(d):
     (None, 1, 3, "PP size 3 does not divide the 4 layers"),
     (lambda d: os.remove(_first_shard(d)), 1, 1, "missing shard model-00001"),
     (_truncate, 1, 1, "truncated safetensors file"),
-    (_set_config(model_type="mistral", architectures=["MistralForCausalLM"]), 1, 1, "unsupported architecture"),
+    (_set_config(model_type="gemma", architectures=["GemmaForCausalLM"]), 1, 1,
+     "unsupported architecture ['GemmaForCausalLM']"),
+    (_set_config(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=16), 1, 1,
+     "lacks 8 tensor(s) the config implies, e.g. ['model.layers.0.self_attn.q_norm.weight'"),
     (_set_config(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), 1, 1, "unsupported rope type 'yarn'"),
     (_set_config(hidden_act="gelu"), 1, 1, "hidden_act='gelu'"),
     (_transpose_down_proj, 1, 1, "model.layers.0.mlp.down_proj.weight has shape [96, 64], the config implies [64, 96]"),

@@ -7,13 +7,13 @@ import os
 import pytest
 import torch
 from distributed import run_distributed
-from hf_tiny import make_hf_llama
+from hf_tiny import FAMILIES, make_hf_llama
 
 CASES = [("lora", "branch"), ("pissa", "branch"), ("milora", "branch"), ("mica", "branch"), ("milora", "merge")]
 TOL = 1e-4
 
 
-def _train_worker(ckpt, run_root, tokens):
+def _train_worker(ckpt, run_root, tokens, cases=CASES):
     from megatron.core import parallel_state as ps
 
     from milora_megatron.adapters import AdapterConfig
@@ -27,7 +27,7 @@ def _train_worker(ckpt, run_root, tokens):
     pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     labels = torch.roll(tokens, -1, dims=1)
     out = {}
-    for method, residual in CASES:
+    for method, residual in cases:
         model = build_gpt(base.shape, transformer_config(base.shape, tp=tp))
         base.load_into(model, rank, tp)
         cfg = AdapterConfig(method=method, rank=4, alpha=8, dropout=0.05, residual=residual,
@@ -86,6 +86,54 @@ def test_merged_equals_peft_equals_megatron(trained, method, residual):
     assert (merged - base_logits).abs().max() > 50 * TOL
     assert (merged - megatron).abs().max() <= TOL
     assert (peft - merged).abs().max() <= TOL
+
+
+@pytest.fixture(scope="module")
+def families_trained(tmp_path_factory):
+    """Three MiLoRA steps at TP=2 on a tiny model of each non-Llama family."""
+    from milora_megatron.convert.importer import convert_hf_to_megatron
+
+    root = tmp_path_factory.mktemp("families")
+    tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
+    logits = {}
+    for family in FAMILIES[1:]:
+        make_hf_llama(str(root / family / "hf"), tied=family == "qwen2", seed=8, family=family)
+        ckpt = convert_hf_to_megatron(str(root / family / "hf"), str(root / family / "ckpt"), tp=2, progress=False)
+        logits[family] = run_distributed(_train_worker, 2, tp=2, ckpt=ckpt, run_root=str(root / family / "runs"),
+                                         tokens=tokens, cases=[("milora", "branch")])[0][("milora", "branch")]
+    return root, tokens, logits
+
+
+@pytest.mark.parametrize("family", FAMILIES[1:])
+def test_families_export_equals_peft_merge(families_trained, family):
+    """Merged export == PEFT's own merge of the exported adapter onto the original model
+    (weights), and PEFT, the merged model and megatron give the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from milora_megatron.convert.exporter import export_merged, export_peft
+
+    root, tokens, logits = families_trained
+    run = str(root / family / "runs" / "milora_branch")
+    merged_dir = export_merged(run, str(root / family / "merged"), progress=False)
+    peft_dir = export_peft(run, str(root / family / "peft"))
+    original = AutoModelForCausalLM.from_pretrained(str(root / family / "hf"))
+    peft = PeftModel.from_pretrained(original, peft_dir).eval()
+    adapted = {n.split(".lora_A.")[0] for n, _ in peft.named_parameters() if ".lora_A." in n}
+    assert len(adapted) == 4 * 7 and all(n.split(".")[-1] in (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") for n in adapted)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    with torch.no_grad():
+        peft_logits = peft(tokens).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(str(root / family / "hf"))(tokens).logits
+        merged_logits = merged(tokens).logits
+    assert (merged_logits - base_logits).abs().max() > 50 * TOL
+    assert (merged_logits - logits[family]).abs().max() <= TOL and (peft_logits - merged_logits).abs().max() <= TOL
+    reference = peft.merge_and_unload().state_dict()
+    ours = merged.state_dict()
+    assert set(reference) == set(ours)
+    for name, tensor in reference.items():
+        assert (ours[name] - tensor).abs().max() <= 1e-5, name
 
 
 def test_export_errors(trained, tmp_path):

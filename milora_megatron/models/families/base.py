@@ -1,0 +1,64 @@
+"""What every family shares: reading the Llama-like part of an HF config."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+_REGISTRY: dict[str, "Family"] = {}
+
+
+def register(cls):
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def registered() -> list["Family"]:
+    return list(_REGISTRY.values())
+
+
+class Family:
+    """One HF decoder family. ``read`` returns the shape fields (``models.llama.LlamaShape``)."""
+
+    name: ClassVar[str]
+    architectures: ClassVar[tuple[str, ...]]
+    model_type: ClassVar[str]
+    qkv_bias: ClassVar[bool] = False  # biases on q, k, v (not o), fused like the weight
+    qk_norm: ClassVar[bool] = False  # per-head RMSNorm on q and k before rope
+
+    def read(self, cfg: dict) -> dict:
+        self.check(cfg)
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"unsupported rope type {rope_type!r}; supported: {list(SUPPORTED_ROPE_TYPES)}")
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        heads = cfg["num_attention_heads"]
+        kv = cfg.get("num_key_value_heads") or heads
+        if heads % kv:
+            raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+        return dict(
+            layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], heads=heads, kv_heads=kv,
+            ffn=cfg["intermediate_size"], vocab=cfg["vocab_size"], head_dim=cfg.get("head_dim"),
+            max_seq=cfg.get("max_position_embeddings", 4096), rope_theta=float(theta),
+            rope_scaling=rope if rope_type == "llama3" else None, rms_eps=cfg.get("rms_norm_eps", 1e-5),
+            tied=bool(cfg.get("tie_word_embeddings", False)), family=self.name, qkv_bias=self.qkv_bias,
+            qk_norm=self.qk_norm, sliding_window=self.sliding_window(cfg),
+        )
+
+    def check(self, cfg: dict) -> None:
+        """Refuse what the shared GPT layer cannot do (Llama-like: silu, no biases)."""
+        expect(cfg, self.name, hidden_act="silu", attention_bias=False, mlp_bias=False)
+
+    def sliding_window(self, cfg: dict) -> int | None:
+        """The attention window, None when attention is full (the trainer refuses a window
+        shorter than its sequences: full causal attention cannot honour it)."""
+        return None
+
+
+def expect(cfg: dict, family: str, **expected) -> None:
+    for key, value in expected.items():
+        got = cfg.get(key)
+        if got is not None and got != value:
+            raise ValueError(f"unsupported {family} config: {key}={got!r} (supported: {value!r})")

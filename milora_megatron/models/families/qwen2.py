@@ -1,0 +1,25 @@
+from .base import Family, expect, register
+
+
+def full_attention_only(cfg: dict, family: str) -> None:
+    """Qwen configs carry a window that only applies with ``use_sliding_window``."""
+    if cfg.get("use_sliding_window"):
+        raise ValueError(f"unsupported {family} config: use_sliding_window=true (sliding-window attention); "
+                         "only full attention is supported")
+    kinds = set(cfg.get("layer_types") or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise ValueError(f"unsupported {family} config: layer_types {sorted(kinds)}; only full_attention is supported")
+
+
+@register
+class Qwen2(Family):
+    """Qwen2 and Qwen2.5: biases on q, k and v (not o); small sizes tie the embeddings."""
+
+    name = "qwen2"
+    architectures = ("Qwen2ForCausalLM",)
+    model_type = "qwen2"
+    qkv_bias = True
+
+    def check(self, cfg: dict) -> None:
+        expect(cfg, self.name, hidden_act="silu", mlp_bias=False)
+        full_attention_only(cfg, self.name)

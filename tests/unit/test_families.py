@@ -1,0 +1,47 @@
+"""Each family reads its own transformers config; what the shared GPT layer cannot do is
+refused with the key that asks for it."""
+
+import pytest
+
+from milora_megatron.models.families import family_for
+from milora_megatron.models.llama import LlamaShape
+from milora_megatron.models.tiny_hf import FAMILIES, family_config
+
+
+def _cfg(family, **changes):
+    return {**family_config(family).to_dict(), **changes}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_reads_its_transformers_config(family):
+    shape = LlamaShape.from_hf_config(_cfg(family))
+    assert family_for(_cfg(family)).name == shape.family == family
+    assert shape.qkv_bias == (family == "qwen2") and shape.qk_norm == (family == "qwen3")
+    assert shape.kv_channels == (32 if family == "qwen3" else 16)  # Qwen3: head_dim != hidden / heads
+    assert shape.sliding_window == (4096 if family == "mistral" else None)
+    layer = shape.layer_shapes()
+    assert ("self_attn.q_proj.bias" in layer) == (family == "qwen2") and layer.get("self_attn.k_proj.bias", (32,)) == (32,)
+    assert ("self_attn.q_norm.weight" in layer) == (family == "qwen3")
+
+
+@pytest.mark.parametrize("family,changes,message", [
+    ("qwen2", {"use_sliding_window": True}, "use_sliding_window=true"),
+    ("qwen2", {"layer_types": ["sliding_attention", "full_attention"]}, "layer_types ['full_attention', 'sliding_attention']"),
+    ("qwen3", {"attention_bias": True}, "unsupported qwen3 config: attention_bias=True"),
+    ("mistral", {"hidden_act": "gelu"}, "unsupported mistral config: hidden_act='gelu'"),
+    ("llama", {"attention_bias": True}, "unsupported llama config: attention_bias=True"),
+    ("llama", {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]}, "unsupported architecture ['Gemma2ForCausalLM']"),
+    ("llama", {"architectures": ["Qwen2ForCausalLM"]}, "unsupported architecture"),  # model_type and class disagree
+])
+def test_refusals_name_the_key(family, changes, message):
+    with pytest.raises(ValueError) as info:
+        LlamaShape.from_hf_config(_cfg(family, **changes))
+    assert message in str(info.value)
+
+
+def test_a_sliding_window_shorter_than_the_sequences_is_refused():
+    shape = LlamaShape.from_hf_config(_cfg("mistral", sliding_window=128))
+    shape.check_seq_len(128)
+    with pytest.raises(ValueError, match="sliding window of 128 tokens, shorter than train.seq_len 256"):
+        shape.check_seq_len(256)
+    assert LlamaShape.from_hf_config(_cfg("mistral", sliding_window=None)).sliding_window is None
