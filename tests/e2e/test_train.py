@@ -178,3 +178,22 @@ def test_init_cache_serves_another_layout_and_method(setup, tmp_path):
     run(1, common(root, ckpt, tmp_path / "plain", **mica))
     got, expected = losses(tmp_path / "reader"), losses(tmp_path / "plain")
     assert len(got) == 3 and max(abs(a - b) / abs(b) for a, b in zip(got, expected)) <= 1e-5, (got, expected)
+
+
+@pytest.mark.parametrize("family", ["qwen3"])
+def test_a_family_trains_the_same_at_tp2_pp2(tmp_path, family):
+    """Qwen3 (q/k norms, head_dim != hidden / heads) through the trainer: TP2 x PP2 gives
+    TP=1's losses. A Mistral whose sliding window is shorter than train.seq_len is refused."""
+    root = tmp_path / "inputs"
+    root.mkdir()
+    ckpt = make_inputs(root, family=family)
+    run(1, common(root, ckpt, tmp_path / "tp1", **{"train.iters": 3, "parallel.tp": 1}))
+    run(4, common(root, ckpt, tmp_path / "tp2pp2", **{"train.iters": 3, "parallel.tp": 2, "parallel.pp": 2}))
+    got, expected = losses(tmp_path / "tp2pp2"), losses(tmp_path / "tp1")
+    assert len(got) == 3 and max(abs(a - b) / abs(b) for a, b in zip(got, expected)) <= 1e-5, (got, expected)
+
+    mistral = tmp_path / "mistral"
+    mistral.mkdir()
+    ckpt = make_inputs(mistral, family="mistral", sliding_window=128)
+    text = run(1, common(mistral, ckpt, tmp_path / "refused", **{"parallel.tp": 1}), ok=False)
+    assert run.returncode != 0 and "sliding window of 128 tokens, shorter than train.seq_len 256" in text

@@ -15,14 +15,14 @@ LAUNCH = os.path.join(ROOT, "launch", "pretrain_milora.py")
 TORCHRUN_WRAPPER = os.path.join(ROOT, "launch", "torchrun_usr1.py")
 
 
-def make_inputs(root) -> str:
-    """A tiny HF Llama converted at TP2 x PP2 under ``root``, train/valid jsonl and general
-    text beside it; returns the base checkpoint's path."""
+def make_inputs(root, family: str = "llama", **shape) -> str:
+    """A tiny HF model (Llama unless ``family`` says otherwise) converted at TP2 x PP2 under
+    ``root``, train/valid jsonl and general text beside it; returns the base checkpoint's path."""
     from milora_megatron.convert.importer import convert_hf_to_megatron
 
     records = alpaca_records(48)
     texts = [json.dumps(r) for r in records] * 4
-    make_hf_llama(str(root / "hf"), tied=False, seed=7, vocab=512)
+    make_hf_llama(str(root / "hf"), tied=family == "qwen2", seed=7, vocab=512, family=family, **shape)
     make_tokenizer(str(root / "hf"), texts, vocab=512)
     ckpt = convert_hf_to_megatron(str(root / "hf"), str(root / "ckpt"), tp=2, pp=2, progress=False)
     with open(root / "train.jsonl", "w") as f:
