@@ -36,6 +36,9 @@ def main() -> int:
 
     p.add_argument("--method", default="milora", choices=available(), help="adapter method")
     p.add_argument("--iters", type=int, default=30, help="training steps")
+    p.add_argument("--data", default="alpaca", choices=("alpaca", "chat"),
+                   help="training data format: alpaca records (data.template=alpaca), or the same examples as "
+                        "multi-turn conversations (data.template=chat, rendered with the tokenizer's chat template)")
     args = p.parse_args()
     start = time.time()
     work = os.path.abspath(args.work)
@@ -54,13 +57,17 @@ def main() -> int:
                   max_shard_size="2MB")
     make_tokenizer(hf, texts + [PREAMBLE, PREAMBLE_INPUT] * 20, vocab=1024)
 
+    train, valid, template = f"{DATA}/instructions.jsonl", f"{DATA}/valid.jsonl", "alpaca"
+    if args.data == "chat":
+        train, valid, template = (_as_chat(train, os.path.join(work, "chat_train.jsonl")),
+                                  _as_chat(valid, os.path.join(work, "chat_valid.jsonl")), "chat")
     py = sys.executable
     step("2. HF -> megatron (TP=2)", [py, os.path.join(ROOT, "tools/convert/hf_to_megatron.py"), "--hf-dir", hf,
                                       "--out", ckpt, "--tp", "2"])
     step(f"3. train {args.method} (torchrun, 2 ranks, TP=2)", [
         py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         os.path.join(ROOT, "launch/pretrain_milora.py"), "--config", os.path.join(ROOT, "configs/tiny_cpu.yaml"),
-        f"model.load={ckpt}", f"data.train={DATA}/instructions.jsonl", f"data.valid={DATA}/valid.jsonl",
+        f"model.load={ckpt}", f"data.train={train}", f"data.valid={valid}", f"data.template={template}",
         f"data.forgetting={DATA}/general.txt", f"output.dir={run}", f"peft.method={args.method}",
         f"train.iters={args.iters}"])
     step("4a. export merged HF model", [py, os.path.join(ROOT, "tools/convert/megatron_to_hf.py"), "--ckpt", run,
@@ -75,8 +82,12 @@ def main() -> int:
 
     tok = AutoTokenizer.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
-    prompt = instruction_prompt("What is 12 plus 7?")
-    ids = tok(prompt, return_tensors="pt")
+    if args.data == "chat":
+        prompt = tok.apply_chat_template([{"role": "user", "content": "What is 12 plus 7?"}], tokenize=False,
+                                         add_generation_prompt=True)
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    else:
+        ids = tok(instruction_prompt("What is 12 plus 7?"), return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
         tuned = model(**ids).logits
@@ -93,6 +104,20 @@ def main() -> int:
           f"(metrics.jsonl, checkpoints/)\n  merged HF      {merged}\n  PEFT adapter   {peft}\n"
           f"demo finished in {time.time() - start:.0f} s")
     return 0
+
+
+def _as_chat(path: str, out: str) -> str:
+    """The alpaca records of ``path`` as conversations: a system turn, then two instructions
+    and their answers (multi-turn: both assistant turns are trained on)."""
+    records = [json.loads(line) for line in open(path) if line.strip()]
+    with open(out, "w") as f:
+        for first, second in zip(records[::2], records[1::2]):
+            turns = [{"role": "system", "content": "You are a helpful assistant."}]
+            for r in (first, second):
+                question = r["instruction"] + (f"\n{r['input']}" if r.get("input") else "")
+                turns += [{"role": "user", "content": question}, {"role": "assistant", "content": r["output"]}]
+            f.write(json.dumps({"messages": turns}) + "\n")
+    return out
 
 
 if __name__ == "__main__":

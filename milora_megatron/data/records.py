@@ -134,6 +134,8 @@ def tokenize_examples(path: str, template: str, tokenizer) -> list[tuple[np.ndar
     if missing is not None:
         index, fields = missing
         raise ValueError(f"{path}, {where(index)}: missing field(s) {fields} required by the {template!r} template")
+    if template_.is_chat:
+        return _tokenize_chat(path, records, tokenizer, where)
     wrong = _first_non_text(records, (*required, *template_.optional))
     if wrong is not None:
         index, field, value = wrong
@@ -162,22 +164,51 @@ def tokenize_examples(path: str, template: str, tokenizer) -> list[tuple[np.ndar
     return out
 
 
-def to_samples(examples, seq_len: int, pad_id: int, pack: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, seq_len + 1] tokens and loss masks: each example truncated/padded, or packed
-    (data shorter than one sequence is padded instead)."""
+def _tokenize_chat(path: str, records, tokenizer, where) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Chat records (data/chat.py), cached like the others under the chat template's text."""
+    from .chat import ConversationError, check_tokenizer, encode_conversation
+
+    check_tokenizer(tokenizer)
+
+    def encode(batch, indices):
+        ids, masks = [], []
+        for messages, index in zip(batch["messages"], indices):
+            try:
+                i, m = encode_conversation(tokenizer, messages)
+            except ConversationError as exc:
+                raise ValueError(f"{path}, {where(index)}: {exc}") from None
+            ids.append(i.tolist())
+            masks.append(m.tolist())
+        return {"input_ids": ids, "loss_mask": masks}
+
+    key = hashlib.sha256(f"{tokenizer.chat_template}|{tokenizer_fingerprint(tokenizer)}|{records._fingerprint}"
+                         .encode()).hexdigest()
+    mapped = records.map(encode, batched=True, batch_size=1000, with_indices=True, remove_columns=records.column_names,
+                         new_fingerprint=f"milora-chat-{key[:32]}", desc=f"tokenising {os.path.basename(path)}")
+    return [(np.asarray(i, dtype=np.int64), np.asarray(m, dtype=np.float32))
+            for i, m in zip(mapped["input_ids"], mapped["loss_mask"])]
+
+
+def to_samples(examples, seq_len: int, pad_id: int, pack: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """[N, seq_len + 1] tokens and loss masks, each example truncated/padded; or packed
+    (data shorter than one sequence is padded instead), then with each token's position in
+    its own example [N, seq_len + 1] (restarting at 0 where an example starts), from which
+    the model builds attention that never crosses examples. Positions are None unpacked."""
     n = seq_len + 1
     if pack and sum(len(e[0]) for e in examples) >= n:
         ids = np.concatenate([e[0] for e in examples])
         mask = np.concatenate([e[1] for e in examples])
+        positions = np.concatenate([np.arange(len(e[0]), dtype=np.int64) for e in examples])
         count = len(ids) // n  # the remainder (< one sequence) is dropped
-        return (torch.from_numpy(ids[: count * n].reshape(count, n).copy()),
-                torch.from_numpy(mask[: count * n].reshape(count, n).copy()))
+        cut = lambda a: torch.from_numpy(a[: count * n].reshape(count, n).copy())  # noqa: E731
+        return cut(ids), cut(mask), cut(positions)
     tokens = np.full((len(examples), n), pad_id, dtype=np.int64)
     masks = np.zeros((len(examples), n), dtype=np.float32)
     for i, (ids, mask) in enumerate(examples):
         k = min(len(ids), n)
         tokens[i, :k], masks[i, :k] = ids[:k], mask[:k]
-    return torch.from_numpy(tokens), torch.from_numpy(masks)
+    return torch.from_numpy(tokens), torch.from_numpy(masks), None
 
 
 def text_samples(path: str, tokenizer, seq_len: int, max_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,11 @@ class Template:
     name: str
     required: tuple[str, ...]  # fields every record must have
     optional: tuple[str, ...]
-    format: Callable[[dict], tuple[str, str]]  # record -> (prompt, response)
+    format: Callable[[dict], tuple[str, str]] | None  # record -> (prompt, response); None: chat (data/chat.py)
+
+    @property
+    def is_chat(self) -> bool:
+        return self.format is None
 
 
 def instruction_prompt(instruction: str, input_text: str | None = None) -> str:
@@ -34,4 +38,5 @@ TEMPLATES = {t.name: t for t in (
     Template("alpaca", ("instruction", "output"), ("input",),
              lambda r: (instruction_prompt(r["instruction"], r.get("input")), r["output"])),
     Template("metamath", ("query", "response"), (), lambda r: (instruction_prompt(r["query"]), r["response"])),
+    Template("chat", ("messages",), (), None),  # the tokenizer's own chat template, loss on assistant turns
 )}

@@ -43,8 +43,9 @@ class SDPAttention(MegatronModule):
 
     Takes megatron's [s, b, heads, dim] query and [s, b, groups, dim] key/value (GQA is
     handled by SDPA, no repeat), returns [s, b, heads * dim] like ``DotProductAttention``.
-    A causal layer ignores the mask tensor (SDPA's own causal path: flash / memory-efficient
-    kernels on GPU, no s x s mask in memory).
+    Without a mask tensor a causal layer takes SDPA's own causal path (flash / memory-efficient
+    kernels on GPU, no s x s mask in memory); packed samples pass a mask that also keeps
+    each example to itself.
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
@@ -64,8 +65,9 @@ class SDPAttention(MegatronModule):
             raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
         mask_type = attn_mask_type or self.attn_mask_type
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
-        causal = mask_type == AttnMaskType.causal
-        mask = None if causal or attention_mask is None else ~attention_mask  # megatron: True = masked
+        # an explicit mask (packed examples) replaces the causal shortcut; it includes causality
+        causal = mask_type == AttnMaskType.causal and attention_mask is None
+        mask = None if attention_mask is None else ~attention_mask  # megatron: True = masked
         dropout = self.dropout if self.training else 0.0
         # heads are split over TP ranks: each needs its own dropout stream, as in megatron
         rng = get_cuda_rng_tracker().fork() if dropout > 0.0 else contextlib.nullcontext()

@@ -79,8 +79,15 @@ def make_hf_llama(path: str, tied: bool = False, seed: int = 0, dtype=torch.floa
     return model.eval()
 
 
+# a ChatML-like chat template on the tokenizer's own BOS/EOS (no new tokens, so the model's
+# vocabulary is unchanged); the assistant's turn ends with EOS
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
 def make_tokenizer(path: str, texts: list[str], vocab: int = 1000) -> None:
-    """A byte-level BPE tokenizer trained on ``texts`` (local, seconds), saved into ``path``."""
+    """A byte-level BPE tokenizer trained on ``texts`` (local, seconds) with ``CHAT_TEMPLATE``,
+    saved into ``path``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -95,4 +102,5 @@ def make_tokenizer(path: str, texts: list[str], vocab: int = 1000) -> None:
     from tokenizers import processors
 
     fast._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)

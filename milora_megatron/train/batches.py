@@ -13,16 +13,35 @@ class Batch:
     tokens: torch.Tensor  # [b, s] inputs
     labels: torch.Tensor  # [b, s] next tokens
     mask: torch.Tensor  # [b, s] 1 where the label is scored
+    positions: torch.Tensor | None = None  # [b, s] packed: each input's position in its own example
+
+    def attention_mask(self) -> torch.Tensor | None:
+        """Packed samples: [b, 1, s, s], True where attention is NOT allowed (megatron's
+        convention): across examples or to the future. None: plain causal attention."""
+        if self.positions is None:
+            return None
+        example = torch.cumsum(self.positions == 0, dim=1)  # example index of every token
+        s = example.shape[1]
+        future = torch.ones(s, s, dtype=torch.bool, device=example.device).triu(1)
+        return ((example.unsqueeze(2) != example.unsqueeze(1)) | future).unsqueeze(1)
 
 
-def make_batch(tokens: torch.Tensor, mask: torch.Tensor) -> Batch:
-    return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask[:, 1:].contiguous())
+def make_batch(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None) -> Batch:
+    return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask[:, 1:].contiguous(),
+                 None if positions is None else positions[:, :-1].contiguous())
 
 
-def micro_batches(tokens: torch.Tensor, masks: torch.Tensor, indices: list[int], micro_batch: int) -> list[Batch]:
+def sample_parts(samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(tokens, masks, positions) of a samples tuple; positions None when it has none."""
+    tokens, masks, *rest = samples
+    return tokens, masks, (rest[0] if rest else None)
+
+
+def micro_batches(tokens: torch.Tensor, masks: torch.Tensor, indices: list[int], micro_batch: int,
+                  positions: torch.Tensor | None = None) -> list[Batch]:
     """The samples at ``indices``, in order, cut into micro-batches."""
-    return [make_batch(tokens[indices[i : i + micro_batch]], masks[indices[i : i + micro_batch]])
-            for i in range(0, len(indices), micro_batch)]
+    pick = lambda t, i: None if t is None else t[indices[i : i + micro_batch]]  # noqa: E731
+    return [make_batch(pick(tokens, i), pick(masks, i), pick(positions, i)) for i in range(0, len(indices), micro_batch)]
 
 
 class SampleOrder:

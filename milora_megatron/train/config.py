@@ -33,7 +33,9 @@ class DataConfig:
     train: str = option("", "jsonl / json / parquet file, or a datasets save_to_disk folder")
     valid: str = option("", "same formats; empty: no validation loss")
     template: str = option("alpaca", "prompt template (data/templates.py): alpaca (instruction/[input]/output) | "
-                                     "metamath (query/response); the loss is on the response only")
+                                     "metamath (query/response); the loss is on the response only | chat "
+                                     "(messages: [{role, content}], the tokenizer's chat template, the loss on "
+                                     "every assistant turn)")
     forgetting: str = option("", "held-out general text (.txt or a 'text' column) for the forgetting loss against "
                                  "the base model; empty: not measured")
     pack: bool = option(False, "pack examples into train.seq_len sequences (else truncate + pad each)")

