@@ -38,7 +38,8 @@ class DataConfig:
                                      "every assistant turn)")
     forgetting: str = option("", "held-out general text (.txt or a 'text' column) for the forgetting loss against "
                                  "the base model; empty: not measured")
-    pack: bool = option(False, "pack examples into train.seq_len sequences (else truncate + pad each)")
+    pack: bool = option(False, "pack examples into train.seq_len sequences, each example attending only to itself "
+                               "(else truncate + pad each)")
 
 
 @dataclass
