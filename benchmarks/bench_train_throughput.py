@@ -68,7 +68,8 @@ def bench_method(method: str, args, shape: LlamaShape, out_dir: str) -> dict:
         f"train.micro_batch={args.micro_batch}", "train.eval_every=0", "train.warmup=1", "train.lr=3e-4",
         f"train.recompute={getattr(args, 'recompute', 'none')}",
         f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", f"parallel.sp={str(args.sp).lower()}",
-        "output.save_every=0", f"output.dir={os.path.join(out_dir, method)}", "model.load=random-weights",
+        "output.save_every=0", "output.tensorboard=false", f"output.dir={os.path.join(out_dir, method)}",
+        "model.load=random-weights",
     ]
     cfg = load_config(None, overrides)
     device, groups = setup(cfg)

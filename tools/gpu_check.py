@@ -149,7 +149,8 @@ def section_trainer(work: str, tiny: bool) -> dict:
         cfg = load_config(None, [
             f"model.load={ckpt}", f"output.dir={out}", "peft.method=milora", "peft.rank=8", "peft.dropout=0",
             f"train.iters={steps}", "train.lr=1e-2", "train.warmup=1", "train.seq_len=64", "train.global_batch=4",
-            "train.micro_batch=2", "train.eval_every=0", "output.save_every=0"])
+            "train.micro_batch=2", "train.eval_every=0", "output.save_every=0",
+            "output.tensorboard=false"])  # the GPU machine has no tensorboard package
         device, groups = setup(cfg)
         base = BaseCheckpoint(ckpt)
         return Trainer(cfg, groups, device, base=base, data=successor_data(64, 64, base.shape.vocab))

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ..checkpoint import base as fmt
 from ..checkpoint.atomic import atomic_directory, check_writable, sha256_file
 from ..models.llama import LlamaShape
+from . import hub
 from .hf_folder import HFFolder
 from ..mapping.llama import (
     EMBEDDING,
@@ -57,8 +58,11 @@ def check_hf_tensors(hf: HFFolder, shape: LlamaShape) -> None:
 
 
 def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str | None = None,
-                           overwrite: bool = False, progress: bool = True) -> str:
-    """Write a base checkpoint at ``out`` (atomically). ``dtype`` None keeps each tensor's own."""
+                           overwrite: bool = False, progress: bool = True, revision: str | None = None) -> str:
+    """Write a base checkpoint at ``out`` (atomically). ``hf_dir``: a local folder or a Hub id
+    (``revision``: a branch, tag or commit; the commit it resolved to is recorded). ``dtype``
+    None keeps each tensor's own."""
+    hf_dir, hub_record = hub.resolve(hf_dir, revision)
     hf = HFFolder(hf_dir)
     shape = LlamaShape.from_hf_config(hf.config)
     shape.check_parallel(tp, pp)
@@ -110,7 +114,7 @@ def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtyp
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "dtype": dtype or "source", "parallel": {"tp": tp, "pp": pp}, "hf_config": hf.config,
             "padded_vocab_multiple": "128 x TP (applied when a model is built; files hold the real vocabulary)",
-            "source": {"hf_dir": hf.path, "shards": shards,
+            "source": {"hf_dir": hf.path, "shards": shards, **({"hub": hub_record} if hub_record else {}),
                        "dtypes": {n: hf.dtype_of(n) for n in expected_hf_shapes(shape)}},
             "files": files, "weight_map": weight_map,
         }

@@ -79,6 +79,10 @@ class OutputConfig:
                                       "output.dir/previous-<time>/ (without it, a rerun resumes, and a folder whose "
                                       "checkpoints are all unusable is refused). A one-off: leave it out of commands "
                                       "that are rerun to resume (a requeued Slurm job would restart every time)")
+    tensorboard: bool = option(True, "TensorBoard event files in output.dir/tensorboard (loss, lr, grad norm, "
+                                     "tokens/s, validation and forgetting loss, GPU memory/utilisation, init time)")
+    wandb_project: str = option("", "log the same scalars to this Weights & Biases project (needs the wandb "
+                                    "extra; WANDB_MODE=offline works without network); empty: no W&B")
 
 
 @dataclass
@@ -203,6 +207,12 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     return cfg
 
 
+def _wandb_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is not None
+
+
 def validate(cfg: RunConfig) -> None:
     t, p = cfg.train, cfg.parallel
     checks = [
@@ -228,6 +238,8 @@ def validate(cfg: RunConfig) -> None:
         (t.clip_grad >= 0, f"train.clip_grad must be >= 0 (0: off), got {t.clip_grad}"),
         (t.min_lr >= 0 and t.weight_decay >= 0, "train.min_lr and train.weight_decay must be >= 0"),
         (cfg.output.save_every >= 0, "output.save_every must be >= 0"),
+        (not cfg.output.wandb_project or _wandb_installed(), "output.wandb_project is set but the wandb package is not "
+                                                             "installed (pip install 'milora-megatron[wandb]')"),
         (cfg.output.keep_last >= 1, "output.keep_last must be >= 1"),
     ]
     for ok, message in checks:

@@ -36,6 +36,7 @@ from .config import RunConfig
 from .evaluation import eval_micro_batches, forgetting_loss, validation_loss
 from .gradients import LossScale, clip_, global_grad_norm, reduce_over_data_parallel, unscale_
 from .metrics import MetricsLog
+from .sinks import TensorBoardSink, WandbSink
 from .parallel import ParallelGroups, init_distributed, seed_per_replica
 from .run_folder import prepare
 from .pipeline import masked_loss_step, run_schedule, scored_tokens, sums_from_last_stage
@@ -192,7 +193,16 @@ class Trainer:
         n = len(self.data.train[0])
         self.total = t.iters if t.iters >= 0 else math.ceil(t.epochs * n / t.global_batch)
         self.step, self.position = 0, 0
-        self.metrics = MetricsLog(self.out, self.total, enabled=self.rank == 0)
+        self.metrics = MetricsLog(self.out, self.total, enabled=self.rank == 0,
+                                  sinks=self._sinks() if self.rank == 0 else ())
+
+    def _sinks(self) -> list:
+        o, sinks = self.cfg.output, []
+        if o.tensorboard:
+            sinks.append(TensorBoardSink(self.out))
+        if o.wandb_project:
+            sinks.append(WandbSink(self.out, o.wandb_project, self.cfg.to_dict()))
+        return sinks
 
     # ---- bookkeeping -------------------------------------------------------------------
     def resume_or_start(self) -> None:
@@ -321,6 +331,7 @@ class Trainer:
         try:
             return self._run()
         finally:
+            self.metrics.close()
             if self.lock is not None:
                 self.lock.release()
 

@@ -54,13 +54,15 @@ def _gpu_stats() -> dict:
 
 
 class MetricsLog:
-    """Written by one rank only (the caller decides which)."""
+    """Written by one rank only (the caller decides which): metrics.jsonl, the console, and
+    the ``sinks`` (TensorBoard, W&B: train/sinks.py) given the same records."""
 
-    def __init__(self, out_dir: str, total_steps: int, enabled: bool):
+    def __init__(self, out_dir: str, total_steps: int, enabled: bool, sinks=()):
         self.enabled, self.total = enabled, total_steps
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.start = time.time()
         self.first_step = None
+        self.sinks = list(sinks) if enabled else []
 
     def log(self, record: dict, console: bool = True) -> None:
         if not self.enabled:
@@ -70,8 +72,19 @@ class MetricsLog:
             record.update(_gpu_stats())
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            try:
+                sink.log(record)
+            except Exception as exc:  # a logging backend must never stop training
+                print(f"warning: {type(sink).__name__} failed ({exc}); it is switched off", flush=True)
+                self.sinks.remove(sink)
         if console:
             print(self._line(record), flush=True)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def _line(self, r: dict) -> str:
         if "loss" not in r:

@@ -75,3 +75,15 @@ def test_malformed_yaml_names_the_file(tmp_path):
     bad.write_text("train:\n  lr: [1, 2\n")
     with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML"):
         load_config(str(bad))
+
+
+def test_wandb_without_the_package_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    from milora_megatron.train.config import ConfigError, load_config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"wandb package is not installed \(pip install 'milora-megatron\[wandb\]'\)"):
+        load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), ["output.wandb_project=x"])
+    load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), [])  # without a project nothing is needed

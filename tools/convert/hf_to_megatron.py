@@ -1,51 +1,12 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face Llama folder into a milora-megatron base checkpoint.
+"""Convert a Hugging Face model folder (Llama, Qwen2/2.5, Qwen3, Mistral) or Hub id into a milora-megatron base checkpoint.
 
-Streams one tensor / one layer at a time (peak memory near one layer), writes atomically
-(HF_DIR -> CKPT_DIR.partial -> CKPT_DIR), and records the HF config, the tokenizer files and
-the checksum of every source shard. The checkpoint stores megatron's TP-invariant layout:
-it loads at any TP/PP; --tp/--pp are validated here and recorded as the default.
-"""
+The installed command ``milora-hf-to-megatron`` is the same program (``milora-hf-to-megatron --help``); this path stays for
+scripts that call it."""
 
-import argparse
-import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-dir", required=True,
-                   help="HF model folder on local disk: config.json, model.safetensors or sharded "
-                        "*.safetensors with model.safetensors.index.json, tokenizer files")
-    p.add_argument("--out", required=True, help="checkpoint folder to create (must not exist unless --overwrite)")
-    p.add_argument("--tp", type=int, default=1,
-                   help="tensor-parallel size to validate against (must divide heads, KV heads and FFN size; "
-                        "the vocabulary is padded to a multiple of 128 x TP when the model is built)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate against (must divide the layers)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="store weights in this dtype (default: keep each tensor's source dtype, bit-exact)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    from milora_megatron.convert.importer import convert_hf_to_megatron
-
-    for flag, value in (("--tp", args.tp), ("--pp", args.pp)):
-        if value < 1:
-            p.error(f"{flag} must be >= 1")
-    try:
-        out = convert_hf_to_megatron(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.overwrite,
-                                     progress=not args.quiet)
-    except (ValueError, OSError, KeyError) as exc:
-        print(f"hf_to_megatron: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"base checkpoint written: {out}")
-    return 0
-
+from milora_megatron.cli.hf_to_megatron import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,70 +1,12 @@
 #!/usr/bin/env python
 """Export to Hugging Face format: a merged model (default) or a PEFT LoRA adapter.
 
---ckpt takes a converted base checkpoint (plain export, bit-identical to the source), an
-adapter checkpoint folder, or a training run's output folder (its latest checkpoint, which
-records the base it trained on; the base must still be there, unchanged).
+The installed command ``milora-megatron-to-hf`` is the same program (``milora-megatron-to-hf --help``); this path stays for
+scripts that call it."""
 
-Merged: W + s (B A - B0 A0) for every adapted target, computed in float32 from the original
-base weights and cast to the source dtype (or --dtype); sharded safetensors with index,
-config.json, generation config and tokenizer files from the source.
-
---adapter-only: adapter_config.json + adapter_model.safetensors for
-PeftModel.from_pretrained(ORIGINAL_BASE, OUT_DIR). PiSSA/MiLoRA are written in PEFT's
-rank-2r form (lora_A = [A; A0], lora_B = [B, -B0], r -> 2r, alpha -> 2 alpha); LoRA and
-MiCA at rank r.
-"""
-
-import argparse
-import os
-import re
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 500MB)")
-    unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    return int(float(m.group(1)) * scale)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="base checkpoint, adapter checkpoint, or run output folder")
-    p.add_argument("--out", required=True, help="folder to create (must not exist unless --overwrite)")
-    p.add_argument("--adapter-only", action="store_true", help="write a PEFT LoRA adapter instead of merged weights")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="output dtype (default: each tensor's source dtype; adapters: fp32)")
-    p.add_argument("--max-shard-size", type=parse_size, default="1GB",
-                   help="largest merged safetensors shard (default 1GB; peak memory is about one shard plus one layer)")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip re-checking the base checkpoint's file checksums (sizes are always checked)")
-    p.add_argument("--base", default=None,
-                   help="where the run's base checkpoint is now, if it was moved (it must be the same base: "
-                        "its content fingerprint is checked)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-
-    from milora_megatron.convert.exporter import export_merged, export_peft
-
-    try:
-        if args.adapter_only:
-            out = export_peft(args.ckpt, args.out, args.dtype, args.overwrite, verify=not args.no_verify,
-                              base_path=args.base)
-        else:
-            out = export_merged(args.ckpt, args.out, args.dtype, args.max_shard_size, args.overwrite,
-                                verify=not args.no_verify, progress=not args.quiet, base_path=args.base)
-    except (ValueError, OSError, KeyError) as exc:
-        print(f"megatron_to_hf: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{'PEFT adapter' if args.adapter_only else 'HF model'} written: {out}")
-    return 0
-
+from milora_megatron.cli.megatron_to_hf import main
 
 if __name__ == "__main__":
     sys.exit(main())
