@@ -41,7 +41,8 @@ from .parallel import ParallelGroups, init_distributed, seed_per_replica
 from .run_folder import prepare
 from .pipeline import masked_loss_step, run_schedule, scored_tokens, sums_from_last_stage
 from .schedule import lr_at
-from .state import load_state, prune, set_rng_state, state_writer
+from .state import (gather_moments, install_moments, load_moments, load_state, prune, set_rng_state, state_writer,
+                    write_moments)
 
 
 @dataclass
@@ -226,22 +227,34 @@ class Trainer:
                 raise ValueError(f"{self.out} was trained on another base checkpoint ({latest.meta['base']['path']})")
             scatter_factors(self.targets, latest.tensors(), g.tp_rank, g.tp_size)
             fold_initial(self.targets, self.peft)  # merge mode: W - s B0 A0, from the loaded B0, A0
-            state = load_state(latest, self.rank)
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.plan.get("relayout"):
+                moments, state = load_moments(latest, self.plan["saved_stages"])
+                install_moments(self.targets, self.optimizer, moments, state["adam_step"], g.tp_rank, g.tp_size)
+                seed_per_replica(self.cfg.train.seed + state["step"], g)  # RNG states do not map across layouts
+                self._record_layout()
+            else:
+                state = load_state(latest, self.rank)
+                self.optimizer.load_state_dict(state["optimizer"])
+                set_rng_state(state["rng"])
             self.step, self.position = state["step"], state["position"]
             self.loss_scale.load_state_dict(state.get("loss_scale", self.loss_scale.state_dict()))
-            set_rng_state(state["rng"])
             self.metrics.log({"event": "resumed", "from": latest.path, "step": self.step, **({"notes": notes} if notes else {})})
             return
         if self.rank == 0:
             write_json_atomic(os.path.join(self.out, "config.json"), self.cfg.to_dict())
+        self._record_layout()
+        if notes:
+            self.metrics.log({"event": "started", "notes": notes})
+
+    def _record_layout(self) -> None:
+        """run.json: the base and the layout the checkpoints from now on are saved at."""
+        if self.rank == 0:
+            g = self.groups
             write_json_atomic(os.path.join(self.out, "run.json"), {
                 "base": {"path": self.base.path, "fingerprint": self.base.fingerprint},
                 "world_size": dist.get_world_size(), "tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size,
                 "total_steps": self.total, "device": self.device.type, "dtype": str(self.dtype).replace("torch.", ""),
             })
-        if notes:
-            self.metrics.log({"event": "started", "notes": notes})
 
     def _diverged(self) -> list[str]:
         """This rank's factors that are not finite or have exploded (see checkpoint.adapters.diverged)."""
@@ -255,8 +268,20 @@ class Trainer:
             raise FloatingPointError(f"adapter factors diverged at step {self.step} "
                                      f"({'; '.join(bad[:3]) if bad else 'on another rank'}): not saved")
         path = step_dir(self.out, self.step)
-        writer = state_writer(self.rank, self.optimizer, self.step, self.position,
-                              extra={"loss_scale": self.loss_scale.state_dict()})
+        g = self.groups
+        # layout-independent too: the r-wide AdamW moments, unsharded under HF names (collective over TP)
+        moments, adam_step = gather_moments(self.targets, self.optimizer, g.tp)
+        layout_free = {"step": self.step, "position": self.position, "adam_step": adam_step,
+                       "loss_scale": self.loss_scale.state_dict()}
+        per_rank = state_writer(self.rank, self.optimizer, self.step, self.position,
+                                extra={"loss_scale": self.loss_scale.state_dict()})
+
+        def writer(folder: str) -> list[str]:
+            names = per_rank(folder)
+            if g.tp_rank == 0 and g.dp_rank == 0:  # one writer per pipeline stage
+                names.append(write_moments(folder, g.pp_rank, moments, layout_free))
+            return names
+
         save_adapter_checkpoint(path, self.targets, self.peft, self.base, self.step, extra_writer=writer)
         if self.rank == 0:
             prune(self.out, self.cfg.output.keep_last)

@@ -22,7 +22,7 @@ import time
 
 from ..checkpoint.adapters import CHECKPOINTS, newest_complete
 from ..checkpoint.atomic import write_json_atomic
-from .state import rank_file
+from .state import optimizer_file, rank_file
 
 LOCK = "run.lock"
 STALE_AFTER_S = 900.0
@@ -32,7 +32,7 @@ RUN_FILES = (CONFIG, RUN, "metrics.jsonl", CHECKPOINTS)
 # keys whose change a resume cannot honour: the factors' shapes and meaning, the samples and
 # their order, the layout of the per-rank state
 FIXED_ON_RESUME = ("peft.method", "peft.rank", "peft.alpha", "peft.targets", "peft.residual", "data.train",
-                   "data.template", "data.pack", "train.seq_len", "train.seed", "parallel.tp", "parallel.pp")
+                   "data.template", "data.pack", "train.seq_len", "train.seed")
 
 
 class RunFolderError(RuntimeError):
@@ -148,19 +148,35 @@ def plan(out: str, config: dict, world_size: int, fresh_start: bool) -> dict:
     if conflicts:
         raise RunFolderError(f"{out} was trained with other settings that a resume cannot change "
                              f"({'; '.join(conflicts)}); use another output.dir, or output.fresh_start=true")
-    saved_world = run.get("world_size", world_size)
-    if saved_world != world_size:
-        raise RunFolderError(f"{out} was trained on {saved_world} processes, this run has {world_size}: resuming "
-                             "on another world size is not supported yet")
-    ckpt, skipped = newest_complete(out, verify=True, required=[rank_file(r) for r in range(world_size)])
+    parallel = config.get("parallel", {})
+    now = (world_size, parallel.get("tp", 1), parallel.get("pp", 1))
+    then = (run.get("world_size", world_size), run.get("tp", now[1]), run.get("pp", now[2]))
+    relayout = now != then
+    # the same layout resumes bit-exactly from every rank's own state (RNG included); another
+    # layout from the layout-independent state (factors and AdamW moments under HF names)
+    required = ([optimizer_file(s) for s in range(then[2])] if relayout
+                else [rank_file(r) for r in range(world_size)])
+    ckpt, skipped = newest_complete(out, verify=True, required=required)
     notes = ["passed over: " + "; ".join(skipped)] if skipped else []
     if ckpt is None:
+        if relayout and newest_complete(out, verify=False, required=[rank_file(r) for r in range(then[0])])[0]:
+            raise RunFolderError(
+                f"{out} was trained on {_layout(then)}, this run is {_layout(now)}, and its checkpoints predate the "
+                "layout-independent optimizer state: resume at the saved layout, or use another output.dir")
         raise RunFolderError(
             f"{out} holds checkpoints but none is complete and verified ({'; '.join(skipped)}); repair or move "
             "them, or rerun with output.fresh_start=true to start again (the old run is kept under previous-*/)")
     if not ckpt.verified:
         notes.append(f"{ckpt.path} predates checksums: loaded unverified")
-    return {"resume": ckpt.path, "notes": notes}
+    if relayout:
+        notes.append(f"resuming on another layout: {_layout(then)} -> {_layout(now)} (factors and AdamW state "
+                     "re-sharded; dropout streams are reseeded)")
+    return {"resume": ckpt.path, "notes": notes, "relayout": relayout, "saved_stages": then[2]}
+
+
+def _layout(layout: tuple[int, int, int]) -> str:
+    world, tp, pp = layout
+    return f"TP={tp} x PP={pp} x DP={world // max(tp * pp, 1)} ({world} processes)"
 
 
 def prepare(cfg, world_size: int) -> tuple[dict, RunLock | None]:

@@ -71,3 +71,86 @@ def prune(run_dir: str, keep_last: int) -> None:
     for path in done[:-keep_last]:
         if os.path.basename(path) != latest:
             shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- layout-independent state: resume at another TP, PP or DP size --------------------------
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def optimizer_file(stage: int) -> str:
+    return f"optimizer-stage{stage:03d}.safetensors"
+
+
+def trained_factors(targets):
+    """(HF key, parameter, TP split dim) of every trained factor of ``targets``."""
+    for t in targets:
+        for factor in ("lora_A", "lora_B"):
+            param = getattr(t.adapter, factor)
+            if param.requires_grad:
+                yield f"{t.name}.{factor}", param, t.factor_split_dim(factor)
+
+
+def gather_moments(targets, optimizer, tp_group=None) -> tuple[dict[str, torch.Tensor], int]:
+    """AdamW's moments of this stage's trained factors, unsharded and keyed like the factors
+    (``<hf module>.lora_A.exp_avg``), and AdamW's step count. Collective over TP; r-wide."""
+    import torch.distributed as dist
+
+    tp = tp_group.size() if tp_group is not None else 1
+    out, adam_step = {}, 0
+    for key, param, dim in trained_factors(targets):
+        state = optimizer.state.get(param, {})
+        adam_step = int(float(state.get("step", 0)))
+        for moment in MOMENTS:
+            local = state.get(moment, torch.zeros_like(param)).detach().float().contiguous()
+            if dim is not None and tp > 1:
+                parts = [torch.empty_like(local) for _ in range(tp)]
+                dist.all_gather(parts, local, group=tp_group)
+                local = torch.cat(parts, dim=dim)
+            out[f"{key}.{moment}"] = local.cpu().clone()
+    return out, adam_step
+
+
+def write_moments(folder: str, stage: int, moments: dict, meta: dict) -> str:
+    from safetensors.torch import save_file
+
+    import json
+
+    name = optimizer_file(stage)
+    save_file(moments, os.path.join(folder, name), metadata={"state": json.dumps(meta)})
+    return name
+
+
+def load_moments(ckpt: AdapterCheckpoint, stages: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every stage's moments (keyed by HF names, so any new PP split finds its own) and the
+    global state (step, data position, AdamW step, loss scale)."""
+    import json
+
+    from safetensors import safe_open
+
+    moments, meta = {}, None
+    for stage in range(stages):
+        with safe_open(os.path.join(ckpt.path, optimizer_file(stage)), framework="pt") as f:
+            meta = meta or json.loads(f.metadata()["state"])
+            moments.update({k: f.get_tensor(k) for k in f.keys()})
+    return moments, meta
+
+
+def install_moments(targets, optimizer, moments: dict, adam_step: int, tp_rank: int, tp_size: int) -> None:
+    """Give this rank's shard of every trained factor its saved AdamW state (``load_state_dict``
+    then places it: the parameter's device, fused AdamW's step dtype)."""
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    state = {}
+    for key, param, dim in trained_factors(targets):
+        entry = {"step": torch.tensor(float(adam_step))}
+        for moment in MOMENTS:
+            full = moments.get(f"{key}.{moment}")
+            if full is None:
+                raise KeyError(f"the checkpoint's optimizer state lacks {key}.{moment}")
+            part = full.chunk(tp_size, dim=dim)[tp_rank] if dim is not None else full
+            if tuple(part.shape) != tuple(param.shape):
+                raise ValueError(f"{key}.{moment}: saved {tuple(part.shape)}, the model has {tuple(param.shape)}")
+            entry[moment] = part.clone()
+        state[index[id(param)]] = entry
+    saved = optimizer.state_dict()
+    saved["state"] = state
+    optimizer.load_state_dict(saved)

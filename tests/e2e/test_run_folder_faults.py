@@ -134,8 +134,9 @@ def test_a_resume_that_would_change_the_method_is_refused_up_front(inputs, tmp_p
     assert run.returncode != 0
     assert "a resume cannot change (peft.method: 'milora' -> 'lora')" in text
     assert "subspaces" not in text and time.time() - start < 60  # refused before the model and the SVD init
-    text = run(2, _args(inputs, out, **{"train.iters": 4, "parallel.tp": 2}), ok=False)  # before: crashed in AdamW
-    assert run.returncode != 0 and "parallel.tp: 1 -> 2" in text and "subspaces" not in text
+    text = run(1, _args(inputs, out, **{"train.iters": 4, "peft.rank": 8, "peft.targets": "[q_proj]"}), ok=False)
+    assert run.returncode != 0 and "(peft.rank: 4 -> 8; peft.alpha: 4.0 -> 8.0; peft.targets:" in text
+    assert "subspaces" not in text
     assert [r["step"] for r in records(out) if "loss" in r] == [1, 2]
 
 

@@ -197,3 +197,28 @@ def test_a_family_trains_the_same_at_tp2_pp2(tmp_path, family):
     ckpt = make_inputs(mistral, family="mistral", sliding_window=128)
     text = run(1, common(mistral, ckpt, tmp_path / "refused", **{"parallel.tp": 1}), ok=False)
     assert run.returncode != 0 and "sliding window of 128 tokens, shorter than train.seq_len 256" in text
+
+
+def test_resume_on_another_layout_continues_exactly(setup, tmp_path):
+    """Started at TP2 x PP2, resumed at TP=1 x DP=2, then at one process: the losses of an
+    uninterrupted TP2 x PP2 run (fp32, dropout off), from the factors and AdamW moments saved
+    unsharded under HF names."""
+    import shutil
+
+    root, ckpt = setup
+    extra = {"train.iters": 6, "output.save_every": 2, "output.keep_last": 3, "train.global_batch": 4}
+    run(4, common(root, ckpt, tmp_path / "straight", **{"parallel.tp": 2, "parallel.pp": 2, **extra}))
+    expected = last_losses(tmp_path / "straight")
+    out = tmp_path / "moved"
+    run(4, common(root, ckpt, out, **{"parallel.tp": 2, "parallel.pp": 2, **extra}))
+    for step in (4, 6):  # as if the job had ended after step 2
+        shutil.rmtree(out / "checkpoints" / f"step_{step:07d}")
+    run(2, common(root, ckpt, out, **{"parallel.tp": 1, "parallel.pp": 1, **extra}))  # DP=2
+    shutil.rmtree(out / "checkpoints" / "step_0000006")
+    run(1, common(root, ckpt, out, **{"parallel.tp": 1, "parallel.pp": 1, **extra}))
+    resumed = [r for r in records(out) if r.get("event") == "resumed"]
+    assert [r["step"] for r in resumed] == [2, 4]
+    assert "TP=2 x PP=2 x DP=1 (4 processes) -> TP=1 x PP=1 x DP=2 (2 processes)" in resumed[0]["notes"][0]
+    got = last_losses(out)
+    assert sorted(got) == list(range(1, 7))
+    assert max(abs(got[s] - expected[s]) / abs(expected[s]) for s in expected) <= 1e-5, (got, expected)

@@ -16,7 +16,7 @@ def test_resume_conflicts_name_each_fixed_key():
              "parallel": {"tp": 8}}
     now = {"peft": {"method": "lora", "rank": 32, "dropout": 0.1}, "train": {"seq_len": 512, "lr": 1e-4},
            "parallel": {"tp": 4}}
-    assert resume_conflicts(saved, now) == ["peft.method: 'milora' -> 'lora'", "parallel.tp: 8 -> 4"]  # lr, dropout may change
+    assert resume_conflicts(saved, now) == ["peft.method: 'milora' -> 'lora'"]  # lr, dropout, the layout may change
 
 
 def test_one_lock_per_folder_and_stale_locks_are_taken_over(tmp_path):
@@ -46,3 +46,44 @@ def test_plan_refuses_an_unreadable_run_record(tmp_path):
         plan(str(tmp_path), {}, world_size=1, fresh_start=False)
     assert plan(str(tmp_path), {}, world_size=1, fresh_start=True)["resume"] is None
     assert [p for p in os.listdir(tmp_path) if p.startswith("previous-")]
+
+
+def test_another_layout_needs_the_layout_independent_state(tmp_path):
+    """A checkpoint with only per-rank state (saved before it had optimizer-stage files)
+    resumes at its own layout only; with the files, any layout."""
+    import types
+
+    import torch
+
+    from milora_megatron.adapters import AdapterConfig
+    from milora_megatron.checkpoint.adapters import step_dir, write_adapter_checkpoint
+    from milora_megatron.train.state import optimizer_file, rank_file
+
+    base = types.SimpleNamespace(path="/nowhere", fingerprint="f")
+    config = {"peft": {"method": "lora"}, "parallel": {"tp": 2, "pp": 1}}
+
+    def extra(folder):
+        for r in range(2):
+            open(os.path.join(folder, rank_file(r)), "w").write("state")
+        return [rank_file(0), rank_file(1)]
+
+    write_adapter_checkpoint(step_dir(str(tmp_path), 2), {"m.lora_A": torch.zeros(2, 2)}, AdapterConfig(method="lora"),
+                             base, 2, extra_writer=extra)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "run.json").write_text(json.dumps({"world_size": 2, "tp": 2, "pp": 1}))
+    assert plan(str(tmp_path), config, world_size=2, fresh_start=False)["relayout"] is False
+    now = {**config, "parallel": {"tp": 1, "pp": 1}}
+    with pytest.raises(RunFolderError, match=r"TP=2 x PP=1 x DP=1 \(2 processes\), this run is TP=1 x PP=1 x DP=2 "
+                                             r"\(2 processes\), and its checkpoints predate"):
+        plan(str(tmp_path), now, world_size=2, fresh_start=False)
+
+    def extra_v2(folder):
+        from safetensors.torch import save_file
+
+        save_file({"m.lora_A.exp_avg": torch.zeros(2, 2)}, os.path.join(folder, optimizer_file(0)))
+        return extra(folder) + [optimizer_file(0)]
+
+    write_adapter_checkpoint(step_dir(str(tmp_path), 4), {"m.lora_A": torch.zeros(2, 2)}, AdapterConfig(method="lora"),
+                             base, 4, extra_writer=extra_v2)
+    decided = plan(str(tmp_path), now, world_size=2, fresh_start=False)
+    assert decided["relayout"] and decided["resume"].endswith("step_0000004") and decided["saved_stages"] == 1
