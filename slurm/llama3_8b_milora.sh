@@ -74,7 +74,8 @@ fi
 #    forwarded to the trainer processes on every node.
 forward() {
   echo "[$(date)] received $1: asking the trainer to checkpoint and stop"
-  srun --overlap --ntasks-per-node=1 pkill "-$1" -f "launch/pretrain_milora.py" || true
+  # only this job's trainers: another job on the same node runs the same script
+  srun --overlap --ntasks-per-node=1 pkill "-$1" -f "launch/pretrain_milora.py .*output.dir=$RUN( |\$)" || true
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM

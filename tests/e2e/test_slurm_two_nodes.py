@@ -97,7 +97,8 @@ def test_two_nodes_train_like_one_and_resume_after_a_node_is_killed(cluster):
     while not any(r.get("step", 0) >= 5 and "loss" in r for r in _records(run)):
         assert time.time() < deadline and c.job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), _tail(log)
         time.sleep(0.3)
-    workers = [p for p in c.pids_on("node2", "pretrain_milora.py") if p not in c.pids_on("node2", "torchrun_usr1")]
+    mine = f"output.dir={run}"
+    workers = [p for p in c.pids_on("node2", mine) if p not in c.pids_on("node2", "torchrun_usr1")]
     assert workers, "no trainer process found in node2's namespace"
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
