@@ -33,10 +33,18 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 
 from milora_megatron.adapters.variants import available, get_variant  # noqa: E402
-from replication import arithmetic, corpus, report  # noqa: E402
+from replication import arithmetic, corpus, report, tradeoff  # noqa: E402
 
 SHAPE = dict(layers=4, hidden=256, heads=8, kv_heads=2, ffn=688, vocab=4096)
 CONFIG = os.path.join(ROOT, "configs", "replication_cpu.yaml")
+
+
+def base_lr() -> float:
+    """The config's lr: the paper uses one lr (3e-4) for every method, so this is each
+    method's paper setting scaled to the tiny model, and the sweep's unit."""
+    from milora_megatron.train.config import load_config
+
+    return load_config(CONFIG).train.lr
 
 
 def log(msg: str) -> None:
@@ -107,11 +115,11 @@ def evaluate_model(args, p: dict, finetuned_dir: str | None = None) -> dict:
                     max_windows=args.heldout_windows, answer_extractor="final_number", progress=False)
 
 
-def fine_tune(args, p: dict, method: str, seed: int, work: str) -> dict:
-    """Train, export and evaluate one (method, seed); cached in its result.json."""
+def fine_tune(args, p: dict, method: str, seed: int, scale: float, work: str) -> dict:
+    """Train, export and evaluate one (method, seed, lr scale); cached in its result.json."""
     from milora_megatron.analysis.deltas import spectrum_report
 
-    folder = os.path.join(work, "runs", f"{method}_seed{seed}")
+    folder = os.path.join(work, "runs", f"{method}_lr{scale:g}_seed{seed}")
     result_path = os.path.join(folder, "result.json")
     if os.path.exists(result_path):
         return json.load(open(result_path))
@@ -120,7 +128,8 @@ def fine_tune(args, p: dict, method: str, seed: int, work: str) -> dict:
     start = time.time()
     overrides = [f"model.load={p['ckpt']}", f"data.train={p['task_train']}", f"data.forgetting={p['held_txt']}",
                  f"output.dir={run}", f"peft.method={method}", f"peft.rank={args.rank}",
-                 f"peft.alpha={get_variant(method).paper_alpha_per_rank * args.rank}", f"train.seed={seed}", f"train.iters={args.iters}"]
+                 f"peft.alpha={get_variant(method).paper_alpha_per_rank * args.rank}", f"train.seed={seed}", f"train.iters={args.iters}",
+                 f"train.lr={scale * base_lr():g}", f"parallel.tp={args.tp}"]
     sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         os.path.join(ROOT, "launch/pretrain_milora.py"), "--config", CONFIG,
         *overrides], os.path.join(folder, "train.log"))
@@ -134,7 +143,7 @@ def fine_tune(args, p: dict, method: str, seed: int, work: str) -> dict:
     metrics = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     losses = [m["loss"] for m in metrics if "loss" in m]
     trainer_forgetting = [m["forgetting_loss"] for m in metrics if "forgetting_loss" in m]
-    result = {"method": method, "seed": seed, "rank": args.rank, "alpha": get_variant(method).paper_alpha_per_rank * args.rank,
+    result = {"method": method, "seed": seed, "lr_scale": scale, "lr": scale * base_lr(), "rank": args.rank, "alpha": get_variant(method).paper_alpha_per_rank * args.rank,
               "iters": args.iters, "train_loss_first": losses[0], "train_loss_last": losses[-1],
               "trainer_forgetting_loss": trainer_forgetting[-1] if trainer_forgetting else None,
               "eval": ev, "spectrum": spec["summary"], "train_export_s": round(train_s, 1),
@@ -143,6 +152,19 @@ def fine_tune(args, p: dict, method: str, seed: int, work: str) -> dict:
         json.dump(result, f, indent=2)
     os.replace(result_path + ".tmp", result_path)
     return result
+
+
+def run_all(args, p: dict, plan: list[tuple[int, str, float]], work: str, stage: str) -> list[dict]:
+    out = []
+    for i, (seed, method, scale) in enumerate(plan):
+        t0 = time.time()
+        r = fine_tune(args, p, method, seed, scale, work)
+        f = report.flatten(r)
+        log(f"{stage} [{i + 1}/{len(plan)}] {method} lr x{scale:g} seed {seed}: exact match {f['accuracy']:.1f}%, "
+            f"forgetting KL {f['forgetting_kl']:.4f}, sim bottom/top {f['sim_bottom']:.3f}/{f['sim_top']:.3f} "
+            f"({time.time() - t0:.0f} s)")
+        out.append(r)
+    return out
 
 
 def base_task_accuracy(p: dict, args, work: str) -> dict:
@@ -154,25 +176,42 @@ def base_task_accuracy(p: dict, args, work: str) -> dict:
     return json.load(open(path))
 
 
-def write_report(args, p: dict, runs: dict, base: dict, elapsed_min: float) -> str:
+def write_report(args, p: dict, results: list[dict], base: dict, elapsed_min: float) -> str:
     os.makedirs(args.report_dir, exist_ok=True)
-    stats = report.aggregate(runs)
-    base_ppl = base["general"]["base_ppl"]
-    table = report.markdown_table(stats, {"base_ppl": base_ppl})
-    claims = report.ordering(stats)
-    plot_path = os.path.join(args.report_dir, "replication.png")
-    report.plot(stats, plot_path)
+    by_method: dict[str, list[dict]] = {}
+    for r in results:
+        by_method.setdefault(r["method"], [])
+    pts = tradeoff.points(results)
+    tradeoff.plot(pts, os.path.join(args.report_dir, "tradeoff.png"))
+    # the single-lr view at the paper setting (x1), as the paper reports it
+    at_one = {m: [r for r in results if r["method"] == m and r["lr_scale"] == 1.0] for m in by_method}
+    at_one = {m: v for m, v in at_one.items() if v}
+    one_lr = ""
+    if at_one:
+        stats = report.aggregate(at_one)
+        report.plot(stats, os.path.join(args.report_dir, "replication.png"))
+        seeds = sorted({r["seed"] for v in at_one.values() for r in v})
+        one_lr = f"""## At the paper's one learning rate (x1)
+
+Mean ± sample std over seeds {seeds} (points the matched-accuracy table reads have the extra seeds):
+
+{report.markdown_table(stats, {"base_ppl": base["general"]["base_ppl"]})}
+
+![replication](replication.png)
+
+What these numbers say about the paper's ordering at one learning rate (computed, not edited):
+
+""" + "\n".join(f"- {c}" for c in report.ordering(stats)) + "\n"
     pre, info = p["pretrain"], p["corpus_info"]
     from milora_megatron.train.config import load_config
 
     t = load_config(CONFIG).train
-    n_runs = sum(len(v) for v in runs.values())
-    runs_min = sum(r["total_s"] for v in runs.values() for r in v) / 60
+    runs_min = sum(r["total_s"] for r in results) / 60
     command = "python replication/replicate.py " + " ".join(sys.argv[1:])
     text = f"""# CPU replication of the MiLoRA claims
 
 Command: `{command.strip()}` (`make replicate` runs the defaults). Time on 2 CPU cores: pre-training
-{pre['minutes']:.1f} min, the {n_runs} fine-tuning runs {runs_min:.1f} min (train + export + evaluation), about
+{pre['minutes']:.1f} min, the {len(results)} fine-tuning runs {runs_min:.1f} min (train + export + evaluation), about
 {pre['minutes'] + runs_min + 1:.0f} min end to end from an empty --work; this invocation {elapsed_min:.1f} min (stages found
 in --work are reused).
 
@@ -183,11 +222,15 @@ in --work are reused).
 - Task: arithmetic word problems (sums and differences of numbers 1-10, `metamath` template, response
   "a + b = c. The answer is c"); 2000 training problems, {args.test_examples} disjoint test problems; exact match on the
   final number with greedy decoding. The base model scores {100 * base['task']['finetuned']['exact_match']:.1f}%.
-- Fine-tuning: this project's convert -> train -> export path at TP=2 (2 gloo ranks), configs/replication_cpu.yaml
-  for every method: rank {args.rank}, alpha = 2r for LoRA and r for PiSSA/MiLoRA/MiCA (the paper's convention),
-  dropout 0.05, targets q,k,v,up,down, AdamW lr {t.lr:g}, {t.schedule} schedule, warmup {t.warmup}, {args.iters} steps
-  of {t.global_batch} problems ({t.micro_batch} per micro-batch), seq_len {t.seq_len} (every problem fits).
-  No method was tuned; seeds {args.seeds} change data order, dropout and LoRA's random A.
+- Fine-tuning: this project's convert -> train -> export path with 2 gloo ranks (TP={args.tp}, DP={2 // args.tp}),
+  configs/replication_cpu.yaml for every method: rank {args.rank}, alpha = 2r for LoRA and r for PiSSA/MiLoRA/MiCA
+  (the paper's convention), dropout 0.05, targets q,k,v,up,down, {t.schedule} schedule, warmup {t.warmup},
+  {args.iters} steps of {t.global_batch} problems ({t.micro_batch} per micro-batch), seq_len {t.seq_len} (every problem
+  fits). Learning rates: {', '.join(f'x{k:g}' for k in args.lr_scales)} of lr {t.lr:g} for every method (the paper
+  uses one lr, 3e-4, for LoRA, PiSSA and MiLoRA alike; {t.lr:g} is that setting for this tiny model), so the grid is
+  the same in units of each method's paper setting. Seeds {args.seeds} at every point, plus {args.extra_seeds or 'none'}
+  at the points the matched-accuracy table reads (chosen by the script after the first pass); seeds change data
+  order, dropout and LoRA's random A. Nothing else was tuned per method.
 - Forgetting: the paper's forgetting loss (cross-entropy of the fine-tuned model's next-token distribution
   against the pre-trained model's, per token) on {args.heldout_windows} windows of 256 held-out tokens, computed
   from the exported merged model with transformers (tools/analyze/forgetting.py). "Forgetting KL" subtracts the
@@ -196,20 +239,37 @@ in --work are reused).
   amplification factor ||dW||_F / ||U^T W V||_F and of the normalised subspace similarity of dW's top-r
   singular vectors to W's bottom-r and top-r ones (mean of left and right).
 
-Mean ± sample std over {len(args.seeds)} seeds:
+## The trade-off across learning rates
 
-{table}
+A method that moves less both learns less and forgets less, so one learning rate cannot separate the two.
+Each method's Pareto front (no other of its points is both more accurate and forgets less) is compared at
+the accuracies MiLoRA's own front points reach; the others' forgetting there is interpolated linearly in
+accuracy between their two bracketing front points, the spread (sample std over seeds) the same way.
 
-![replication](replication.png)
+![trade-off](tradeoff.png)
 
-What the numbers say about the paper's ordering (computed, not edited):
+Forgetting KL at matched accuracy (mean ± std):
 
-""" + "\n".join(f"- {c}" for c in claims) + "\n"
+{tradeoff.matched_table(pts)}
+
+Best accuracy each method reaches over the sweep:
+
+{tradeoff.best_table(pts)}
+
+What the sweep says (computed, not edited):
+
+""" + "\n".join(f"- {c}" for c in tradeoff.claims(pts)) + f"""
+
+Every point:
+
+{tradeoff.sweep_table(pts)}
+
+{one_lr}"""
     path = os.path.join(args.report_dir, "RESULTS.md")
     with open(path, "w") as f:
         f.write(text)
     with open(os.path.join(args.report_dir, "runs.json"), "w") as f:
-        json.dump({"base": base, "runs": runs, "pretrain": pre, "corpus": info}, f, indent=2)
+        json.dump({"base": base, "runs": results, "pretrain": pre, "corpus": info}, f, indent=2)
     return path
 
 
@@ -220,14 +280,22 @@ def main() -> int:
     ap.add_argument("--report-dir", default=os.path.join(ROOT, "replication", "results"),
                     help="where RESULTS.md, replication.png and runs.json go")
     ap.add_argument("--methods", default="lora,pissa,milora,mica", help="comma-separated methods")
-    ap.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds")
+    ap.add_argument("--seeds", default="1,2", help="comma-separated training seeds at every sweep point")
+    ap.add_argument("--extra-seeds", default="3",
+                    help="seeds added at the points the matched-accuracy table reads ('' for none)")
+    ap.add_argument("--lr-scales", default="0.5,1,2",
+                    help="learning rates as multiples of the config's lr (the paper's one setting for every method)")
     ap.add_argument("--rank", type=int, default=8, help="adapter rank, the same for every method")
-    ap.add_argument("--iters", type=int, default=400, help="fine-tuning steps (global batch 16)")
+    ap.add_argument("--tp", type=int, choices=(1, 2), default=2,
+                    help="tensor parallel size of the 2 training ranks (1: data parallel over them)")
+    ap.add_argument("--iters", type=int, default=300, help="fine-tuning steps (global batch 16)")
     ap.add_argument("--pretrain-steps", type=int, default=800, help="pre-training steps (batch 16 x 256 tokens)")
     ap.add_argument("--test-examples", type=int, default=200, help="held-out arithmetic problems")
     ap.add_argument("--heldout-windows", type=int, default=64, help="256-token windows of held-out text for forgetting")
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.extra_seeds = [int(s) for s in args.extra_seeds.split(",") if s.strip()]
+    args.lr_scales = [float(k) for k in args.lr_scales.split(",")]
     methods = args.methods.split(",")
     unknown = set(methods) - set(available())
     if unknown:
@@ -240,16 +308,15 @@ def main() -> int:
     os.makedirs(work, exist_ok=True)
     p = prepare(args, work)
     base = base_task_accuracy(p, args, work)
-    runs: dict[str, list[dict]] = {m: [] for m in methods}
-    total = len(methods) * len(args.seeds)
-    for i, (seed, method) in enumerate((s, m) for s in args.seeds for m in methods):
-        t0 = time.time()
-        r = fine_tune(args, p, method, seed, work)
-        f = report.flatten(r)
-        log(f"5. [{i + 1}/{total}] {method} seed {seed}: exact match {f['accuracy']:.1f}%, forgetting KL "
-            f"{f['forgetting_kl']:.4f}, sim bottom/top {f['sim_bottom']:.3f}/{f['sim_top']:.3f} ({time.time() - t0:.0f} s)")
-        runs[method].append(r)
-    path = write_report(args, p, runs, base, (time.time() - start) / 60)
+    scales = args.lr_scales
+    plan = [(s, m, k) for s in args.seeds for k in scales for m in methods]
+    results = run_all(args, p, plan, work, "5.")
+    extra = sorted(tradeoff.relied_on(tradeoff.points(results)), key=lambda mk: (methods.index(mk[0]), mk[1]))
+    if args.extra_seeds and extra:
+        log(f"   matched-accuracy table reads {len(extra)} points: "
+            + ", ".join(f"{m} x{k:g}" for m, k in extra) + f"; seeds {args.extra_seeds} there")
+        results += run_all(args, p, [(s, m, k) for s in args.extra_seeds for m, k in extra], work, "5b.")
+    path = write_report(args, p, results, base, (time.time() - start) / 60)
     log(f"6. report: {path}")
     print(open(path).read())
     return 0

@@ -7,10 +7,12 @@ import random
 import subprocess
 import sys
 
+import pytest
+
 from paths import ROOT  # noqa: E402
 sys.path.insert(0, ROOT)
 
-from replication import arithmetic, corpus, report  # noqa: E402
+from replication import arithmetic, corpus, report, tradeoff  # noqa: E402
 
 
 def test_arithmetic_answers_are_right_and_test_is_disjoint(tmp_path):
@@ -76,19 +78,54 @@ def test_report_statistics_and_ordering(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 10_000
 
 
+def _swept(method, scale, seed, acc, kl):
+    return {**_result(acc, kl, 0.0, 0.0), "method": method, "lr_scale": scale, "lr": 1e-3 * scale, "seed": seed}
+
+
+def test_tradeoff_front_matched_accuracy_and_claims(tmp_path):
+    results = [_swept("milora", 0.5, s, a, k) for s, a, k in ((1, 0.20, 0.10), (2, 0.30, 0.20))]  # 25%, KL .15
+    results += [_swept("milora", 1.0, s, a, k) for s, a, k in ((1, 0.40, 0.30), (2, 0.40, 0.30))]  # 40%, .30
+    results += [_swept("lora", 0.5, 1, 0.10, 0.05), _swept("lora", 1.0, 1, 0.30, 0.45),
+                _swept("lora", 2.0, 1, 0.50, 0.85), _swept("lora", 4.0, 1, 0.45, 0.95)]  # x4 is beaten by x2
+    results += [_swept("mica", 1.0, 1, 0.05, 0.01)]
+    pts = tradeoff.points(results)
+    assert [p.scale for p in pts["lora"]] == [0.5, 1.0, 2.0, 4.0]
+    assert pts["milora"][0].acc == (25.0, pytest.approx(7.0710678)) and pts["milora"][0].kl[0] == pytest.approx(0.15)
+    assert [p.scale for p in tradeoff.front(pts["lora"])] == [0.5, 1.0, 2.0]
+    # LoRA at 25%: between x0.5 (10%, .05) and x1 (30%, .45): 3/4 of the way -> .35
+    kl, spread, used = tradeoff.at_accuracy(pts["lora"], 25.0)
+    assert kl == pytest.approx(0.35) and spread == 0.0 and [p.scale for p in used] == [0.5, 1.0]
+    assert tradeoff.at_accuracy(pts["lora"], 40.0)[0] == pytest.approx(0.65)
+    assert tradeoff.at_accuracy(pts["mica"], 25.0) is None and tradeoff.at_accuracy(pts["lora"], 60.0) is None
+    assert tradeoff.relied_on(pts) == {("milora", 0.5), ("milora", 1.0), ("lora", 0.5), ("lora", 1.0), ("lora", 2.0)}
+    claims = tradeoff.claims(pts)
+    assert claims[0].startswith("At 25.0% accuracy (MiLoRA lr x0.5), MiLoRA forgets less than LoRA: yes (0.150 vs 0.350")
+    assert "larger than the summed spread 0.071" in claims[0]
+    assert any("MiCA's front does not reach it" in c for c in claims)
+    assert any(c.startswith("MiLoRA's best accuracy is at least LoRA's: no (40.0% vs 50.0%") for c in claims)
+    table = tradeoff.matched_table(pts)
+    assert "0.350 ± 0.000 (interp.)" in table and "not reached (front 5.0-5.0%)" in table
+    assert "| LoRA | 50.0 ± 0.0 | 0.002 (x2) |" in tradeoff.best_table(pts)
+    tradeoff.plot(pts, str(tmp_path / "t.png"))
+    assert (tmp_path / "t.png").stat().st_size > 10_000
+
+
 def test_replicate_smoke(tmp_path):
     """Every stage at toy sizes: corpus, pre-training, task, convert, torchrun training at TP=2,
     both exports, evaluation, spectrum, report."""
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "replication", "replicate.py"), "--work", str(tmp_path / "w"),
-         "--report-dir", str(tmp_path / "report"), "--methods", "pissa,milora", "--seeds", "1", "--iters", "4",
+         "--report-dir", str(tmp_path / "report"), "--methods", "pissa,milora", "--seeds", "1", "--iters", "4", "--lr-scales", "1,2", "--extra-seeds", "",
          "--pretrain-steps", "6", "--test-examples", "8", "--heldout-windows", "2"],
         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = open(tmp_path / "report" / "RESULTS.md").read()
     assert "| pissa |" in text and "| milora |" in text and "MiLoRA forgets less" in text
+    assert "Forgetting KL at matched accuracy" in text and "| MiLoRA | " in text and "(x2)" in text
+    assert (tmp_path / "report" / "tradeoff.png").exists()
     runs = json.load(open(tmp_path / "report" / "runs.json"))["runs"]
-    milora, pissa = runs["milora"][0], runs["pissa"][0]
+    assert sorted((r["method"], r["lr_scale"]) for r in runs) == [("milora", 1.0), ("milora", 2.0), ("pissa", 1.0), ("pissa", 2.0)]
+    milora, pissa = (next(r for r in runs if r["method"] == m and r["lr_scale"] == 1.0) for m in ("milora", "pissa"))
     # the init subspaces show in the trained update: MiLoRA's dW lives in W's minor directions, PiSSA's in the principal
     assert milora["spectrum"]["all"]["left_bottom"] > 0.3 > milora["spectrum"]["all"]["left_top"]
     assert pissa["spectrum"]["all"]["left_top"] > 0.3 > pissa["spectrum"]["all"]["left_bottom"]
