@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 # The user path on a tiny Llama on CPU: HF folder -> convert (TP=2) -> torchrun train MiLoRA
 # -> merged HF + PEFT adapter -> transformers generate. Everything lands in runs/demo.

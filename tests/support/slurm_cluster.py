@@ -59,6 +59,8 @@ def _sbin(name: str) -> str:
 class LocalSlurm:
     """slurmctld + slurmd + munged on this host, configured in ``work``."""
 
+    DAEMONS = ("slurmd", "slurmctld", "munged")  # stopped in this order, by their pid files
+
     def __init__(self, work: str):
         self.work = os.path.abspath(work)
         self.host = socket.gethostname().split(".")[0]
@@ -126,11 +128,10 @@ class LocalSlurm:
 
     def stop(self) -> None:
         """Stop the daemons this object started (by their pid files); wait for them to exit."""
-        for name in ("slurmd", "slurmctld", "munged"):
-            path = self.pidfiles[name]
+        for name in self.DAEMONS:
             try:
-                pid = int(open(path).read().strip())
-            except (OSError, ValueError):
+                pid = int(open(self.pidfiles[name]).read().strip())
+            except (OSError, ValueError, KeyError):
                 continue
             try:
                 os.kill(pid, signal.SIGTERM)

@@ -52,6 +52,8 @@ def namespaces_unavailable() -> str | None:
 class TwoNodeSlurm(LocalSlurm):
     """slurmctld + munged on the host, one slurmd per namespaced node."""
 
+    DAEMONS = ("slurmd", *NODES, "slurmctld", "munged")
+
     def __init__(self, work: str, cpus_per_node: int | None = None):
         super().__init__(work)
         self.cpus = cpus_per_node or self.cpus
@@ -135,25 +137,7 @@ class TwoNodeSlurm(LocalSlurm):
                            f"logs in {self.work}")
 
     def stop(self) -> None:
-        names = ("slurmd", *NODES, "slurmctld", "munged")
-        for name in names:
-            path = self.pidfiles.get(name)
-            try:
-                pid = int(open(path).read().strip())
-            except (OSError, ValueError, TypeError):
-                continue
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            for _ in range(100):
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.1)
-            else:
-                os.kill(pid, signal.SIGKILL)
+        super().stop()
         self._network_down()
 
     # ---- faults -----------------------------------------------------------------------------
