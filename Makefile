@@ -69,7 +69,7 @@ gpu-check:
 	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl
 	PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 python3 tools/gpu_check.py --out $(GPU_OUT)
 
-# The CPU replication of the paper's claims (replication/replicate.py; ~45 min on 2 cores).
+# The CPU replication of the paper's claims with its learning-rate sweep (replication/replicate.py; ~85 min on 2 cores).
 # Writes replication/results/ (RESULTS.md, replication.png, runs.json); reruns reuse runs/replication.
 replicate: $(STAMP)
 	$(PY) replication/replicate.py

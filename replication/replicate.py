@@ -1,23 +1,26 @@
 #!/usr/bin/env python
-"""A small replication of the MiLoRA paper's claims on CPU (2 cores, under an hour).
+"""A small replication of the MiLoRA paper's claims on CPU (2 cores, under 90 minutes).
 
   1. corpus: docstrings of Python's standard library and torch (real prose, offline;
      replication/corpus.py), split by source file into pre-training and held-out text
   2. pre-train a ~5M-parameter Llama from scratch on it, in HF format (replication/pretrain.py)
   3. task: templated arithmetic word problems (replication/arithmetic.py), train/test disjoint
   4. tools/convert/hf_to_megatron.py --tp 2
-  5. per seed and method: torchrun launch/pretrain_milora.py (TP=2, configs/replication_cpu.yaml,
-     identical settings for every method but the paper's alpha convention), export the merged
-     model and the PEFT adapter (tools/convert/megatron_to_hf.py), evaluate with
-     milora_megatron.analysis (exact match on the test problems; the paper's forgetting loss on
-     the held-out corpus text against the pre-trained model; spectrum of the adapter's dW)
-  6. mean ± std over seeds: results/RESULTS.md, results/replication.png, results/runs.json
+  5. per method, learning rate (x0.5, x1, x2 of the config's lr) and seed (1, 2): torchrun
+     launch/pretrain_milora.py (2 gloo ranks, configs/replication_cpu.yaml, identical settings
+     for every method but the paper's alpha convention), export the merged model and the PEFT
+     adapter (tools/convert/megatron_to_hf.py), evaluate with milora_megatron.analysis (exact
+     match on the test problems; the paper's forgetting loss on the held-out corpus text
+     against the pre-trained model; spectrum of the adapter's dW); then a third seed at the
+     points the matched-accuracy table reads (replication/tradeoff.py)
+  6. results/RESULTS.md (the trade-off: Pareto fronts, forgetting at matched accuracy, best
+     accuracy, computed claims; the x1 table as before), tradeoff.png, replication.png, runs.json
 
 Every stage keeps its output in --work and is skipped when rerun, so an interrupted run
 continues and a second run re-uses the pre-trained model.
 
     python replication/replicate.py                    # the full replication (make replicate)
-    python replication/replicate.py --seeds 1 --iters 20 --pretrain-steps 50   # a smoke run
+    python replication/replicate.py --seeds 1 --extra-seeds "" --lr-scales 1 --iters 20 --pretrain-steps 50   # a smoke run
 """
 
 from __future__ import annotations
@@ -294,7 +297,7 @@ def main() -> int:
     ap.add_argument("--heldout-windows", type=int, default=64, help="256-token windows of held-out text for forgetting")
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.extra_seeds = [int(s) for s in args.extra_seeds.split(",") if s.strip()]
+    args.extra_seeds = [int(s) for s in args.extra_seeds.split(",") if s.strip() and int(s) not in args.seeds]
     args.lr_scales = [float(k) for k in args.lr_scales.split(",")]
     methods = args.methods.split(",")
     unknown = set(methods) - set(available())
