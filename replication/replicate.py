@@ -3,9 +3,10 @@
 
   1. corpus: docstrings of Python's standard library and torch (real prose, offline;
      replication/corpus.py), split by source file into pre-training and held-out text
-  2. pre-train a ~5M-parameter Llama from scratch on it, in HF format (replication/pretrain.py)
+  2. pre-train a ~5M-parameter Llama from scratch on it, in HF format (replication/pretrain.py),
+     or with --base smollm2 fetch SmolLM2-135M-Instruct (replication/bases.py: its schedule)
   3. task: templated arithmetic word problems (replication/arithmetic.py), train/test disjoint
-  4. tools/convert/hf_to_megatron.py --tp 2
+  4. tools/convert/hf_to_megatron.py
   5. per method, learning rate (x0.5, x1, x2 of the config's lr) and seed (1, 2): torchrun
      launch/pretrain_milora.py (2 gloo ranks, configs/replication_cpu.yaml, identical settings
      for every method but the paper's alpha convention), export the merged model and the PEFT
@@ -36,15 +37,14 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 
 from milora_megatron.adapters.variants import available, get_variant  # noqa: E402
-from replication import arithmetic, corpus, report, tradeoff  # noqa: E402
+from replication import arithmetic, bases, corpus, report, tradeoff  # noqa: E402
 
-SHAPE = dict(layers=4, hidden=256, heads=8, kv_heads=2, ffn=688, vocab=4096)
 CONFIG = os.path.join(ROOT, "configs", "replication_cpu.yaml")
 
 
-def base_lr() -> float:
+def config_lr() -> float:
     """The config's lr: the paper uses one lr (3e-4) for every method, so this is each
-    method's paper setting scaled to the tiny model, and the sweep's unit."""
+    method's paper setting scaled to the tiny model, and the sweep's unit there."""
     from milora_megatron.train.config import load_config
 
     return load_config(CONFIG).train.lr
@@ -64,12 +64,7 @@ def sh(cmd: list[str], logfile: str) -> None:
 
 
 def prepare(args, work: str) -> dict:
-    """Corpus, tokenizer + pre-trained base model, task data, converted checkpoint."""
-    from milora_megatron.models.tiny_hf import make_tokenizer
-    from milora_megatron.data import PREAMBLE
-
-    from replication.pretrain import pretrain
-
+    """Corpus, base model (pre-trained here or fetched), task data, converted checkpoint."""
     paths = {k: os.path.join(work, v) for k, v in {
         "corpus": "corpus", "hf": "base_hf", "ckpt": "base_ckpt", "task": "task"}.items()}
     info_path = os.path.join(paths["corpus"], "corpus.json")
@@ -83,15 +78,10 @@ def prepare(args, work: str) -> dict:
         f"{info['heldout.txt']['chars'] / 1e6:.2f}M held out (sha256 {info['sha256'][:12]})")
     train_txt, held_txt = (os.path.join(paths["corpus"], n) for n in ("train.txt", "heldout.txt"))
 
-    pre_path = os.path.join(paths["hf"], "pretrain.json")
-    if not os.path.exists(pre_path):
-        log(f"2. pre-training a small Llama {SHAPE} for {args.pretrain_steps} steps")
-        texts = open(train_txt, encoding="utf-8").read().splitlines()
-        make_tokenizer(paths["hf"], texts + [PREAMBLE] * 50, vocab=SHAPE["vocab"])
-        pretrain(paths["hf"], train_txt, held_txt, steps=args.pretrain_steps, batch=16, seq_len=256, lr=2e-3,
-                 seed=0, shape=SHAPE, log=lambda m: log("   " + m))
-    pre = json.load(open(pre_path))
-    log(f"   base model: {pre['parameters'] / 1e6:.2f}M parameters, held-out loss {pre['heldout_loss']}")
+    if args.base.name == "smollm2":
+        paths["hf"], pre = bases.prepare_smollm2(log)
+    else:
+        pre = bases.prepare_scratch(paths["hf"], train_txt, held_txt, args.pretrain_steps, log)
 
     os.makedirs(paths["task"], exist_ok=True)
     task_train, task_test = (os.path.join(paths["task"], n) for n in ("train.jsonl", "test.jsonl"))
@@ -101,9 +91,9 @@ def prepare(args, work: str) -> dict:
         os.replace(task_test + ".tmp", task_test)
 
     if not os.path.exists(os.path.join(paths["ckpt"], "milora_base.json")):
-        log("4. HF -> megatron (TP=2)")
+        log(f"4. HF -> megatron (TP={args.tp})")
         sh([sys.executable, os.path.join(ROOT, "tools/convert/hf_to_megatron.py"), "--hf-dir", paths["hf"],
-            "--out", paths["ckpt"], "--tp", "2", "--overwrite", "--quiet"], os.path.join(work, "convert.log"))
+            "--out", paths["ckpt"], "--tp", str(args.tp), "--overwrite", "--quiet"], os.path.join(work, "convert.log"))
     return {**paths, "train_txt": train_txt, "held_txt": held_txt, "task_train": task_train, "task_test": task_test,
             "corpus_info": info, "pretrain": pre}
 
@@ -132,7 +122,7 @@ def fine_tune(args, p: dict, method: str, seed: int, scale: float, work: str) ->
     overrides = [f"model.load={p['ckpt']}", f"data.train={p['task_train']}", f"data.forgetting={p['held_txt']}",
                  f"output.dir={run}", f"peft.method={method}", f"peft.rank={args.rank}",
                  f"peft.alpha={get_variant(method).paper_alpha_per_rank * args.rank}", f"train.seed={seed}", f"train.iters={args.iters}",
-                 f"train.lr={scale * base_lr():g}", f"parallel.tp={args.tp}"]
+                 f"train.lr={scale * args.lr:g}", f"parallel.tp={args.tp}"]
     sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         os.path.join(ROOT, "launch/pretrain_milora.py"), "--config", CONFIG,
         *overrides], os.path.join(folder, "train.log"))
@@ -146,7 +136,7 @@ def fine_tune(args, p: dict, method: str, seed: int, scale: float, work: str) ->
     metrics = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     losses = [m["loss"] for m in metrics if "loss" in m]
     trainer_forgetting = [m["forgetting_loss"] for m in metrics if "forgetting_loss" in m]
-    result = {"method": method, "seed": seed, "lr_scale": scale, "lr": scale * base_lr(), "rank": args.rank, "alpha": get_variant(method).paper_alpha_per_rank * args.rank,
+    result = {"method": method, "seed": seed, "lr_scale": scale, "lr": scale * args.lr, "rank": args.rank, "alpha": get_variant(method).paper_alpha_per_rank * args.rank,
               "iters": args.iters, "train_loss_first": losses[0], "train_loss_last": losses[-1],
               "trainer_forgetting_loss": trainer_forgetting[-1] if trainer_forgetting else None,
               "eval": ev, "spectrum": spec["summary"], "train_export_s": round(train_s, 1),
@@ -181,13 +171,10 @@ def base_task_accuracy(p: dict, args, work: str) -> dict:
 
 def write_report(args, p: dict, results: list[dict], base: dict, elapsed_min: float) -> str:
     os.makedirs(args.report_dir, exist_ok=True)
-    by_method: dict[str, list[dict]] = {}
-    for r in results:
-        by_method.setdefault(r["method"], [])
+    methods = list(dict.fromkeys(r["method"] for r in results))
     pts = tradeoff.points(results)
-    tradeoff.plot(pts, os.path.join(args.report_dir, "tradeoff.png"))
     # the single-lr view at the paper setting (x1), as the paper reports it
-    at_one = {m: [r for r in results if r["method"] == m and r["lr_scale"] == 1.0] for m in by_method}
+    at_one = {m: [r for r in results if r["method"] == m and r["lr_scale"] == 1.0] for m in methods}
     at_one = {m: v for m, v in at_one.items() if v}
     one_lr = ""
     if at_one:
@@ -210,39 +197,10 @@ What these numbers say about the paper's ordering at one learning rate (computed
 
     t = load_config(CONFIG).train
     runs_min = sum(r["total_s"] for r in results) / 60
-    command = "python replication/replicate.py " + " ".join(sys.argv[1:])
-    text = f"""# CPU replication of the MiLoRA claims
-
-Command: `{command.strip()}` (`make replicate` runs the defaults). Time on 2 CPU cores: pre-training
-{pre['minutes']:.1f} min, the {len(results)} fine-tuning runs {runs_min:.1f} min (train + export + evaluation), about
-{pre['minutes'] + runs_min + 1:.0f} min end to end from an empty --work; this invocation {elapsed_min:.1f} min (stages found
-in --work are reused).
-
-- Base model: Llama {SHAPE}, {pre['parameters'] / 1e6:.2f}M parameters, pre-trained from scratch for
-  {pre['steps']} steps x {pre['batch']} x {pre['seq_len']} tokens on {info['train.txt']['chars'] / 1e6:.2f}M characters
-  of docstrings from Python's standard library and torch (corpus sha256 {info['sha256'][:16]}); held-out loss
-  {pre['heldout_loss']} on docstrings of source files it never saw.
-- Task: arithmetic word problems (sums and differences of numbers 1-10, `metamath` template, response
-  "a + b = c. The answer is c"); 2000 training problems, {args.test_examples} disjoint test problems; exact match on the
-  final number with greedy decoding. The base model scores {100 * base['task']['finetuned']['exact_match']:.1f}%.
-- Fine-tuning: this project's convert -> train -> export path with 2 gloo ranks (TP={args.tp}, DP={2 // args.tp}),
-  configs/replication_cpu.yaml for every method: rank {args.rank}, alpha = 2r for LoRA and r for PiSSA/MiLoRA/MiCA
-  (the paper's convention), dropout 0.05, targets q,k,v,up,down, {t.schedule} schedule, warmup {t.warmup},
-  {args.iters} steps of {t.global_batch} problems ({t.micro_batch} per micro-batch), seq_len {t.seq_len} (every problem
-  fits). Learning rates: {', '.join(f'x{k:g}' for k in args.lr_scales)} of lr {t.lr:g} for every method (the paper
-  uses one lr, 3e-4, for LoRA, PiSSA and MiLoRA alike; {t.lr:g} is that setting for this tiny model), so the grid is
-  the same in units of each method's paper setting. Seeds {args.seeds} at every point, plus {args.extra_seeds or 'none'}
-  at the points the matched-accuracy table reads (chosen by the script after the first pass); seeds change data
-  order, dropout and LoRA's random A. Nothing else was tuned per method.
-- Forgetting: the paper's forgetting loss (cross-entropy of the fine-tuned model's next-token distribution
-  against the pre-trained model's, per token) on {args.heldout_windows} windows of 256 held-out tokens, computed
-  from the exported merged model with transformers (tools/analyze/forgetting.py). "Forgetting KL" subtracts the
-  base model's own entropy ({base['general']['base_entropy']:.4f}), so 0 means nothing forgotten.
-- Spectrum (tools/analyze/spectrum.py on the PEFT export): means over all adapted matrices of the
-  amplification factor ||dW||_F / ||U^T W V||_F and of the normalised subspace similarity of dW's top-r
-  singular vectors to W's bottom-r and top-r ones (mean of left and right).
-
-## The trade-off across learning rates
+    sweep = ""
+    if len(args.lr_scales) > 1:
+        tradeoff.plot(pts, os.path.join(args.report_dir, "tradeoff.png"))
+        sweep = f"""## The trade-off across learning rates
 
 A method that moves less both learns less and forgets less, so one learning rate cannot separate the two.
 Each method's Pareto front (no other of its points is both more accurate and forgets less) is compared at
@@ -267,7 +225,39 @@ Every point:
 
 {tradeoff.sweep_table(pts)}
 
-{one_lr}"""
+"""
+    prep_word = "fetching the model" if args.base.name == "smollm2" else "pre-training"
+    command = "python replication/replicate.py " + " ".join(sys.argv[1:])
+    title = " on SmolLM2-135M-Instruct" if args.base.name == "smollm2" else ""
+    text = f"""# CPU replication of the MiLoRA claims{title}
+
+Command: `{command.strip()}` (`make replicate` runs the defaults). Time on 2 CPU cores: {prep_word}
+{pre['minutes']:.1f} min, the {len(results)} fine-tuning runs {runs_min:.1f} min (train + export + evaluation), about
+{pre['minutes'] + runs_min + 1:.0f} min end to end from an empty --work; this invocation {elapsed_min:.1f} min (stages found
+in --work are reused).
+
+- Base model: {bases.describe(args.base, pre, info)}.
+- Task: arithmetic word problems (sums and differences of numbers 1-10, `metamath` template, response
+  "a + b = c. The answer is c"); 2000 training problems, {args.test_examples} disjoint test problems; exact match on the
+  final number with greedy decoding. The base model scores {100 * base['task']['finetuned']['exact_match']:.1f}%.
+- Fine-tuning: this project's convert -> train -> export path with 2 gloo ranks (TP={args.tp}, DP={2 // args.tp}),
+  configs/replication_cpu.yaml for every method: rank {args.rank}, alpha = 2r for LoRA and r for PiSSA/MiLoRA/MiCA
+  (the paper's convention), dropout 0.05, targets q,k,v,up,down, {t.schedule} schedule, warmup {t.warmup},
+  {args.iters} steps of {t.global_batch} problems ({t.micro_batch} per micro-batch), seq_len {t.seq_len} (every problem
+  fits). Learning rates: {', '.join(f'x{k:g}' for k in args.lr_scales)} of lr {args.lr:g} for every method (the paper
+  uses one lr, 3e-4, for LoRA, PiSSA and MiLoRA alike; {args.lr:g} is that setting for this model), so the grid is
+  the same in units of each method's paper setting. Cut to fit the CPU: {args.base.cut}. Seeds {args.seeds} at every point, plus {args.extra_seeds or 'none'}
+  at the points the matched-accuracy table reads (chosen by the script after the first pass); seeds change data
+  order, dropout and LoRA's random A. Nothing else was tuned per method.
+- Forgetting: the paper's forgetting loss (cross-entropy of the fine-tuned model's next-token distribution
+  against the pre-trained model's, per token) on {args.heldout_windows} windows of 256 held-out tokens, computed
+  from the exported merged model with transformers (tools/analyze/forgetting.py). "Forgetting KL" subtracts the
+  base model's own entropy ({base['general']['base_entropy']:.4f}), so 0 means nothing forgotten.
+- Spectrum (tools/analyze/spectrum.py on the PEFT export): means over all adapted matrices of the
+  amplification factor ||dW||_F / ||U^T W V||_F and of the normalised subspace similarity of dW's top-r
+  singular vectors to W's bottom-r and top-r ones (mean of left and right).
+
+{sweep}{one_lr}"""
     path = os.path.join(args.report_dir, "RESULTS.md")
     with open(path, "w") as f:
         f.write(text)
@@ -278,24 +268,38 @@ Every point:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default=os.path.join(ROOT, "runs", "replication"),
-                    help="folder for every stage's output (reused when rerun)")
-    ap.add_argument("--report-dir", default=os.path.join(ROOT, "replication", "results"),
-                    help="where RESULTS.md, replication.png and runs.json go")
+    ap.add_argument("--base", choices=sorted(bases.BASES), default="scratch",
+                    help="scratch: a ~5M Llama pre-trained here (default); smollm2: SmolLM2-135M-Instruct, fetched "
+                         "once (a reduced schedule on CPU; see replication/bases.py)")
+    ap.add_argument("--work", help="folder for every stage's output, reused when rerun "
+                                   "(default runs/replication, runs/replication_smollm2)")
+    ap.add_argument("--report-dir", help="where RESULTS.md, the plots and runs.json go "
+                                         "(default replication/results, replication/results/smollm2_cpu)")
     ap.add_argument("--methods", default="lora,pissa,milora,mica", help="comma-separated methods")
-    ap.add_argument("--seeds", default="1,2", help="comma-separated training seeds at every sweep point")
-    ap.add_argument("--extra-seeds", default="3",
-                    help="seeds added at the points the matched-accuracy table reads ('' for none)")
-    ap.add_argument("--lr-scales", default="0.5,1,2",
-                    help="learning rates as multiples of the config's lr (the paper's one setting for every method)")
+    ap.add_argument("--seeds", help="comma-separated training seeds at every sweep point (default 1,2)")
+    ap.add_argument("--extra-seeds", help="seeds added at the points the matched-accuracy table reads "
+                                          "('' for none; default 3 for scratch, none for smollm2)")
+    ap.add_argument("--lr-scales", help="learning rates as multiples of the base's lr, the paper's one setting for "
+                                        "every method (default 0.5,1,2 for scratch, 1 for smollm2)")
+    ap.add_argument("--lr", type=float, help="the sweep's unit (default: the config's 2e-3 for scratch, "
+                                             "the paper's 3e-4 for smollm2)")
     ap.add_argument("--rank", type=int, default=8, help="adapter rank, the same for every method")
-    ap.add_argument("--tp", type=int, choices=(1, 2), default=2,
-                    help="tensor parallel size of the 2 training ranks (1: data parallel over them)")
-    ap.add_argument("--iters", type=int, default=300, help="fine-tuning steps (global batch 16)")
+    ap.add_argument("--tp", type=int, choices=(1, 2), help="tensor parallel size of the 2 training ranks "
+                                                           "(1: data parallel over them; default 2, 1 for smollm2)")
+    ap.add_argument("--iters", type=int, help="fine-tuning steps of global batch 16 (default 300, 40 for smollm2)")
     ap.add_argument("--pretrain-steps", type=int, default=800, help="pre-training steps (batch 16 x 256 tokens)")
     ap.add_argument("--test-examples", type=int, default=200, help="held-out arithmetic problems")
     ap.add_argument("--heldout-windows", type=int, default=64, help="256-token windows of held-out text for forgetting")
     args = ap.parse_args()
+    args.base = bases.BASES[args.base]
+    for key in ("seeds", "extra_seeds", "lr_scales", "tp", "iters", "lr"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(args.base, key))
+    args.lr = args.lr or config_lr()
+    if args.base.name == "smollm2" and args.tp != 1:
+        ap.error("SmolLM2-135M has 9 attention heads: --tp 1 (its other divisor, 3, needs 3 ranks)")
+    args.work = args.work or os.path.join(ROOT, "runs", args.base.work)
+    args.report_dir = args.report_dir or os.path.join(ROOT, "replication", "results", args.base.report)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.extra_seeds = [int(s) for s in args.extra_seeds.split(",") if s.strip() and int(s) not in args.seeds]
     args.lr_scales = [float(k) for k in args.lr_scales.split(",")]
