@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-from milora_megatron.analysis.init_agreement import agreement, our_initial_factors, peft_initial_factors
+from milora_megatron.analysis.init_agreement import agreement, our_initial_factors, peft_initial_factors, reference_svd
 
 DEFAULT = os.path.join(os.path.expanduser("~"), ".cache", "milora-megatron", "smollm2-135m-instruct-bf16")
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -61,10 +61,11 @@ def main() -> int:
           f"rank {args.rank}, alpha = rank; worst over the matrices, each against a float64 SVD\n")
     print("| method | init | sin largest angle, left (B) | right (A) | singular values, max rel. err | "
           "residual W - sBA, rel. err |\n| --- | --- | --- | --- | --- | --- |")
+    refs = {m: reference_svd(weights[m]) for m in sorted(keep)}  # once, for both methods
     for method in ("pissa", "mica"):
         ours = our_initial_factors(ckpt, method, args.rank, float(args.rank), TARGETS)
         peft = peft_initial_factors(args.hf_dir, method, args.rank, float(args.rank), TARGETS)
-        table = agreement({m: weights[m] for m in keep}, {m: ours[m] for m in keep}, {m: peft[m] for m in keep},
+        table = agreement(refs, {m: ours[m] for m in keep}, {m: peft[m] for m in keep},
                           method, args.rank, 1.0)
         for who, label in (("ours", "ours (fp64 solve, fp32 factors)"), ("peft", "PEFT (fp32 SVD)")):
             row = table[who]

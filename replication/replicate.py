@@ -115,7 +115,12 @@ def fine_tune(args, p: dict, method: str, seed: int, scale: float, work: str) ->
     folder = os.path.join(work, "runs", f"{method}_lr{scale:g}_seed{seed}")
     result_path = os.path.join(folder, "result.json")
     if os.path.exists(result_path):
-        return json.load(open(result_path))
+        cached = json.load(open(result_path))
+        want = {"iters": args.iters, "lr": scale * args.lr, "rank": args.rank}
+        if any(cached.get(k) != v for k, v in want.items()):
+            raise SystemExit(f"{result_path} was trained with {({k: cached.get(k) for k in want})}, not {want}: "
+                             "pass another --work (or delete that folder)")
+        return cached
     os.makedirs(folder, exist_ok=True)
     run, merged, peft = (os.path.join(folder, n) for n in ("run", "hf_merged", "peft_adapter"))
     start = time.time()

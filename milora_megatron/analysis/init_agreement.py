@@ -24,12 +24,17 @@ def sin_largest_angle(basis: torch.Tensor, reference: torch.Tensor) -> float:
     return float(torch.sqrt(1.0 - cosines.min() ** 2))
 
 
-def measure(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, method: str, rank: int, scaling: float,
+def reference_svd(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(W, U, S, V^T) in float64: computed once per weight, shared by every init measured."""
+    w = weight.double()
+    return (w, *torch.linalg.svd(w, full_matrices=False))
+
+
+def measure(ref: tuple[torch.Tensor, ...], a: torch.Tensor, b: torch.Tensor, method: str, rank: int, scaling: float,
             residual: torch.Tensor | None = None) -> dict:
     """Errors of one target's initial factors (and, for PiSSA, the residual weight the
-    method trains from; default W - s B A in float64) against a float64 SVD of ``weight``."""
-    w = weight.double()
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    method trains from; default W - s B A in float64) against ``reference_svd(W)``."""
+    w, u, s, vh = ref
     pick = slice(0, rank) if method == "pissa" else slice(s.numel() - rank, s.numel())
     out = {"left_sin": sin_largest_angle(b, u[:, pick])}
     if method == "pissa":
@@ -62,15 +67,15 @@ def peft_initial_factors(hf_dir: str, method: str, rank: int, alpha: float, targ
     return out
 
 
-def agreement(weights: dict[str, torch.Tensor], ours: dict, peft: dict, method: str, rank: int,
+def agreement(refs: dict[str, tuple], ours: dict, peft: dict, method: str, rank: int,
               scaling: float) -> dict[str, dict[str, dict[str, float]]]:
-    """{"ours"|"peft": {metric: worst over the targets}} from per-module factors
-    (``ours[module]`` = {"lora_A", "lora_B"} as our checkpoints store them, A0/B0 for
+    """{"ours"|"peft": {metric: worst over the targets}} from each module's
+    ``reference_svd(W)`` and per-module factors (``ours[module]`` = {"lora_A", "lora_B"} as our checkpoints store them, A0/B0 for
     PiSSA's initial factors; ``peft[module]`` from ``peft_initial_factors``)."""
     worst = {"ours": {}, "peft": {}}
-    for module, w in weights.items():
-        rows = {"ours": measure(w, ours[module]["lora_A"], ours[module]["lora_B"], method, rank, scaling),
-                "peft": measure(w, peft[module]["lora_A"], peft[module]["lora_B"], method, rank, scaling,
+    for module, ref in refs.items():
+        rows = {"ours": measure(ref, ours[module]["lora_A"], ours[module]["lora_B"], method, rank, scaling),
+                "peft": measure(ref, peft[module]["lora_A"], peft[module]["lora_B"], method, rank, scaling,
                                 residual=peft[module]["residual"] if method == "pissa" else None)}
         for who, row in rows.items():
             for k, v in row.items():

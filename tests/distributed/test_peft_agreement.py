@@ -46,14 +46,14 @@ def _ours(ckpt, method):
 def test_ours_is_closer_to_float64_than_peft(model, method):
     from safetensors.torch import load_file
 
-    from milora_megatron.analysis.init_agreement import agreement, peft_initial_factors
+    from milora_megatron.analysis.init_agreement import agreement, peft_initial_factors, reference_svd
 
     root, ckpt = model
     ours = run_distributed(_ours, 1, ckpt=ckpt, method=method)[0]
     peft = peft_initial_factors(str(root / "hf"), method, RANK, ALPHA, TARGETS)
     assert set(ours) == set(peft) and len(ours) == 2 * len(TARGETS)
     hf = load_file(str(root / "hf" / "model.safetensors"))
-    table = agreement({m: hf[m + ".weight"] for m in ours}, ours, peft, method, RANK, ALPHA / RANK)
+    table = agreement({m: reference_svd(hf[m + ".weight"]) for m in ours}, ours, peft, method, RANK, ALPHA / RANK)
     print(method, table)
     mine, theirs = table["ours"], table["peft"]
     # measured: PiSSA ours 2e-8..4e-7, PEFT 1e-6..7e-6; MiCA ours 4e-8, PEFT 3e-4
