@@ -50,6 +50,13 @@ def config_lr() -> float:
     return load_config(CONFIG).train.lr
 
 
+def write_atomic(path: str, text: str) -> None:
+    """An interrupted report leaves the committed one whole."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -146,9 +153,7 @@ def fine_tune(args, p: dict, method: str, seed: int, scale: float, work: str) ->
               "trainer_forgetting_loss": trainer_forgetting[-1] if trainer_forgetting else None,
               "eval": ev, "spectrum": spec["summary"], "train_export_s": round(train_s, 1),
               "total_s": round(time.time() - start, 1)}
-    with open(result_path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(result_path + ".tmp", result_path)
+    write_atomic(result_path, json.dumps(result, indent=2))
     return result
 
 
@@ -168,9 +173,7 @@ def run_all(args, p: dict, plan: list[tuple[int, str, float]], work: str, stage:
 def base_task_accuracy(p: dict, args, work: str) -> dict:
     path = os.path.join(work, "base_eval.json")
     if not os.path.exists(path):
-        ev = evaluate_model(args, p)
-        with open(path, "w") as f:
-            json.dump(ev, f, indent=2)
+        write_atomic(path, json.dumps(evaluate_model(args, p), indent=2))
     return json.load(open(path))
 
 
@@ -264,10 +267,9 @@ in --work are reused).
 
 {sweep}{one_lr}"""
     path = os.path.join(args.report_dir, "RESULTS.md")
-    with open(path, "w") as f:
-        f.write(text)
-    with open(os.path.join(args.report_dir, "runs.json"), "w") as f:
-        json.dump({"base": base, "runs": results, "pretrain": pre, "corpus": info}, f, indent=2)
+    write_atomic(path, text)
+    write_atomic(os.path.join(args.report_dir, "runs.json"),
+                 json.dumps({"base": base, "runs": results, "pretrain": pre, "corpus": info}, indent=2))
     return path
 
 
