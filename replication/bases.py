@@ -24,6 +24,7 @@ class BaseChoice:
     lr: float | None  # the sweep's unit; None: the config's
     iters: int
     seeds: str
+    sweep_seeds: str  # at the lr scales other than x1 ("" = the same as seeds)
     extra_seeds: str
     lr_scales: str
     work: str  # under runs/
@@ -32,12 +33,12 @@ class BaseChoice:
 
 
 BASES = {
-    "scratch": BaseChoice("scratch", tp=2, lr=None, iters=300, seeds="1,2", extra_seeds="3", lr_scales="0.5,1,2",
+    "scratch": BaseChoice("scratch", tp=2, lr=None, iters=300, seeds="1,2", sweep_seeds="", extra_seeds="3", lr_scales="0.5,1,2",
                           work="replication", report="", cut="300 steps per run (400 before the sweep)"),
-    "smollm2": BaseChoice("smollm2", tp=1, lr=3e-4, iters=40, seeds="1,2", extra_seeds="", lr_scales="1",
-                          work="replication_smollm2", report="smollm2_cpu",
-                          cut="40 steps of 16 problems per run (0.3 epochs), 2 seeds, one learning rate (the paper's "
-                              "3e-4), no sweep: a step of the 135M model takes seconds on 2 cores"),
+    "smollm2": BaseChoice("smollm2", tp=1, lr=3e-4, iters=40, seeds="1,2", sweep_seeds="1", extra_seeds="",
+                          lr_scales="0.5,1,2", work="replication_smollm2", report="smollm2_cpu",
+                          cut="40 steps of 16 problems per run (0.3 epochs); 2 seeds at the paper's lr 3e-4 (x1) and one "
+                              "at x0.5 and x2, no third seed: a run of the 135M model takes ~7 minutes on 2 cores"),
 }
 
 

@@ -234,6 +234,8 @@ Every point:
 {tradeoff.sweep_table(pts)}
 
 """
+    seeds_line = (f"Seeds {args.seeds} at every point" if args.sweep_seeds == args.seeds else
+                  f"Seeds {args.seeds} at x1, {args.sweep_seeds} at the other learning rates")
     prep_word = "fetching the model" if args.base.name == "smollm2" else "pre-training"
     command = "python replication/replicate.py " + " ".join(sys.argv[1:])
     title = " on SmolLM2-135M-Instruct" if args.base.name == "smollm2" else ""
@@ -254,7 +256,7 @@ in --work are reused).
   {args.iters} steps of {t.global_batch} problems ({t.micro_batch} per micro-batch), seq_len {t.seq_len} (every problem
   fits). Learning rates: {', '.join(f'x{k:g}' for k in args.lr_scales)} of lr {args.lr:g} for every method (the paper
   uses one lr, 3e-4, for LoRA, PiSSA and MiLoRA alike; {args.lr:g} is that setting for this model), so the grid is
-  the same in units of each method's paper setting. Cut to fit the CPU: {args.base.cut}. Seeds {args.seeds} at every point, plus {args.extra_seeds or 'none'}
+  the same in units of each method's paper setting. Cut to fit the CPU: {args.base.cut}. {seeds_line}, plus {args.extra_seeds or 'none'}
   at the points the matched-accuracy table reads (chosen by the script after the first pass); seeds change data
   order, dropout and LoRA's random A. Nothing else was tuned per method.
 - Forgetting: the paper's forgetting loss (cross-entropy of the fine-tuned model's next-token distribution
@@ -283,11 +285,14 @@ def main() -> int:
     ap.add_argument("--report-dir", help="where RESULTS.md, the plots and runs.json go "
                                          "(default replication/results, replication/results/smollm2_cpu)")
     ap.add_argument("--methods", default="lora,pissa,milora,mica", help="comma-separated methods")
-    ap.add_argument("--seeds", help="comma-separated training seeds at every sweep point (default 1,2)")
+    ap.add_argument("--seeds", help="comma-separated training seeds at x1, and at every other lr unless --sweep-seeds "
+                                    "(default 1,2)")
+    ap.add_argument("--sweep-seeds", help="seeds at the learning rates other than x1 (default: --seeds; 1 for smollm2, "
+                                          "whose runs take minutes each on CPU)")
     ap.add_argument("--extra-seeds", help="seeds added at the points the matched-accuracy table reads "
                                           "('' for none; default 3 for scratch, none for smollm2)")
     ap.add_argument("--lr-scales", help="learning rates as multiples of the base's lr, the paper's one setting for "
-                                        "every method (default 0.5,1,2 for scratch, 1 for smollm2)")
+                                        "every method (default 0.5,1,2)")
     ap.add_argument("--lr", type=float, help="the sweep's unit (default: the config's 2e-3 for scratch, "
                                              "the paper's 3e-4 for smollm2)")
     ap.add_argument("--rank", type=int, default=8, help="adapter rank, the same for every method")
@@ -299,7 +304,7 @@ def main() -> int:
     ap.add_argument("--heldout-windows", type=int, default=64, help="256-token windows of held-out text for forgetting")
     args = ap.parse_args()
     args.base = bases.BASES[args.base]
-    for key in ("seeds", "extra_seeds", "lr_scales", "tp", "iters", "lr"):
+    for key in ("seeds", "sweep_seeds", "extra_seeds", "lr_scales", "tp", "iters", "lr"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(args.base, key))
     args.lr = args.lr or config_lr()
@@ -308,6 +313,7 @@ def main() -> int:
     args.work = args.work or os.path.join(ROOT, "runs", args.base.work)
     args.report_dir = args.report_dir or os.path.join(ROOT, "replication", "results", args.base.report)
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.sweep_seeds = [int(s) for s in args.sweep_seeds.split(",")] if args.sweep_seeds else args.seeds
     args.extra_seeds = [int(s) for s in args.extra_seeds.split(",") if s.strip() and int(s) not in args.seeds]
     args.lr_scales = [float(k) for k in args.lr_scales.split(",")]
     methods = args.methods.split(",")
@@ -323,7 +329,8 @@ def main() -> int:
     p = prepare(args, work)
     base = base_task_accuracy(p, args, work)
     scales = args.lr_scales
-    plan = [(s, m, k) for s in args.seeds for k in scales for m in methods]
+    plan = [(s, m, k) for s in dict.fromkeys(args.seeds + args.sweep_seeds) for k in scales for m in methods
+            if s in (args.seeds if k == 1 else args.sweep_seeds)]
     results = run_all(args, p, plan, work, "5.")
     extra = sorted(tradeoff.relied_on(tradeoff.points(results)), key=lambda mk: (methods.index(mk[0]), mk[1]))
     if args.extra_seeds and extra:

@@ -3,7 +3,7 @@ less" from "forgets less" (a method that moves less does both), so each method i
 learning rates and compared on its Pareto front, at the accuracies MiLoRA reaches.
 
 Conventions: a point is one (method, lr scale) with its seeds; its spread is the sample std
-over them. A method's front is its points that no other point of the same method beats on
+over them, and not measured (NaN, printed as "1 seed") for a point with one seed. A method's front is its points that no other point of the same method beats on
 both accuracy (higher) and forgetting KL (lower), ordered by accuracy, so along it both rise.
 Matched accuracy interpolates forgetting linearly in accuracy between the two front points
 that bracket it, and the spread the same way. Claims are computed here, never written by hand.
@@ -11,6 +11,7 @@ that bracket it, and the spread the same way. Claims are computed here, never wr
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ class Point:
 
     @staticmethod
     def _mean_std(values: list[float]) -> tuple[float, float]:
-        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
     @property
     def acc(self) -> tuple[float, float]:
@@ -95,7 +96,15 @@ def relied_on(by_method: dict[str, list[Point]], reference: str = "milora") -> s
 
 
 def _pm(mean: float, std: float, fmt: str) -> str:
-    return f"{fmt.format(mean)} ± {fmt.format(std)}"
+    return f"{fmt.format(mean)} (1 seed)" if math.isnan(std) else f"{fmt.format(mean)} ± {fmt.format(std)}"
+
+
+def _against(diff: float, spread: float, fmt: str) -> str:
+    """How a difference compares with the summed spread (unknown when a point has one seed)."""
+    if math.isnan(spread):
+        return f"difference {fmt.format(abs(diff))}; spread not measured: a point with one seed"
+    return (f"difference {fmt.format(abs(diff))}, {'larger' if abs(diff) > spread else 'not larger'} than the "
+            f"summed spread {fmt.format(spread)}")
 
 
 def matched_table(by_method: dict[str, list[Point]], reference: str = "milora") -> str:
@@ -154,8 +163,7 @@ def claims(by_method: dict[str, list[Point]], reference: str = "milora") -> list
                 continue
             diff, spread = hit[0] - kl, hit[1] + kl_sd
             out.append(f"At {acc:.1f}% accuracy (MiLoRA lr x{level.scale:g}), {name} forgets less than {display(m)}: "
-                       f"{'yes' if diff > 0 else 'no'} ({kl:.3f} vs {hit[0]:.3f}; difference {abs(diff):.3f}, "
-                       f"{'larger' if abs(diff) > spread else 'not larger'} than the summed spread {spread:.3f})")
+                       f"{'yes' if diff > 0 else 'no'} ({kl:.3f} vs {hit[0]:.3f}; {_against(diff, spread, '{:.3f}')})")
     mine = max(by_method[reference], key=lambda p: p.acc[0])
     for m, pts in by_method.items():
         if m == reference:
@@ -163,9 +171,12 @@ def claims(by_method: dict[str, list[Point]], reference: str = "milora") -> list
         theirs = max(pts, key=lambda p: p.acc[0])
         diff, spread = mine.acc[0] - theirs.acc[0], mine.acc[1] + theirs.acc[1]
         out.append(f"{name}'s best accuracy is at least {display(m)}'s: {'yes' if diff >= 0 else 'no'} "
-                   f"({mine.acc[0]:.1f}% vs {theirs.acc[0]:.1f}%; difference {abs(diff):.1f}, "
-                   f"{'larger' if abs(diff) > spread else 'not larger'} than the summed spread {spread:.1f})")
+                   f"({mine.acc[0]:.1f}% vs {theirs.acc[0]:.1f}%; {_against(diff, spread, '{:.1f}')})")
     return out
+
+
+def _or_zero(spread: float) -> float:
+    return 0.0 if math.isnan(spread) else spread
 
 
 def plot(by_method: dict[str, list[Point]], path: str) -> None:
@@ -179,7 +190,8 @@ def plot(by_method: dict[str, list[Point]], path: str) -> None:
         color = f"C{i}"
         for p in pts:
             ax.scatter(p.forgetting, p.accuracy, color=color, s=8, alpha=0.4)
-            ax.errorbar(p.kl[0], p.acc[0], xerr=p.kl[1], yerr=p.acc[1], color=color, fmt="o", capsize=3, ms=5)
+            ax.errorbar(p.kl[0], p.acc[0], xerr=_or_zero(p.kl[1]), yerr=_or_zero(p.acc[1]), color=color, fmt="o",
+                        capsize=3, ms=5)
             ax.annotate(f"x{p.scale:g}", (p.kl[0], p.acc[0]), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
         f = front(pts)
         ax.plot([p.kl[0] for p in f], [p.acc[0] for p in f], color=color, label=f"{display(m)} (front)")

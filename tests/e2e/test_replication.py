@@ -2,6 +2,7 @@
 through every stage at toy sizes. The replication itself is `make replicate`, not a test."""
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -85,8 +86,8 @@ def _swept(method, scale, seed, acc, kl):
 def test_tradeoff_front_matched_accuracy_and_claims(tmp_path):
     results = [_swept("milora", 0.5, s, a, k) for s, a, k in ((1, 0.20, 0.10), (2, 0.30, 0.20))]  # 25%, KL .15
     results += [_swept("milora", 1.0, s, a, k) for s, a, k in ((1, 0.40, 0.30), (2, 0.40, 0.30))]  # 40%, .30
-    results += [_swept("lora", 0.5, 1, 0.10, 0.05), _swept("lora", 1.0, 1, 0.30, 0.45),
-                _swept("lora", 2.0, 1, 0.50, 0.85), _swept("lora", 4.0, 1, 0.45, 0.95)]  # x4 is beaten by x2
+    results += [_swept("lora", k, s, a, f) for k, a, f in ((0.5, 0.10, 0.05), (1.0, 0.30, 0.45)) for s in (1, 2)]
+    results += [_swept("lora", 2.0, 1, 0.50, 0.85), _swept("lora", 4.0, 1, 0.45, 0.95)]  # one seed; x4 is beaten by x2
     results += [_swept("mica", 1.0, 1, 0.05, 0.01)]
     pts = tradeoff.points(results)
     assert [p.scale for p in pts["lora"]] == [0.5, 1.0, 2.0, 4.0]
@@ -101,11 +102,16 @@ def test_tradeoff_front_matched_accuracy_and_claims(tmp_path):
     claims = tradeoff.claims(pts)
     assert claims[0].startswith("At 25.0% accuracy (MiLoRA lr x0.5), MiLoRA forgets less than LoRA: yes (0.150 vs 0.350")
     assert "larger than the summed spread 0.071" in claims[0]
+    # at 40% LoRA's front runs from x1 (2 seeds) to x2 (1 seed): its spread there is unknown, not 0
+    assert math.isnan(tradeoff.at_accuracy(pts["lora"], 40.0)[1])
+    at_40 = [c for c in claims if c.startswith("At 40.0% accuracy (MiLoRA lr x1), MiLoRA forgets less than LoRA")]
+    assert at_40 == ["At 40.0% accuracy (MiLoRA lr x1), MiLoRA forgets less than LoRA: yes (0.300 vs 0.650; "
+                     "difference 0.350; spread not measured: a point with one seed)"]
     assert any("MiCA's front does not reach it" in c for c in claims)
     assert any(c.startswith("MiLoRA's best accuracy is at least LoRA's: no (40.0% vs 50.0%") for c in claims)
     table = tradeoff.matched_table(pts)
     assert "0.350 ± 0.000 (interp.)" in table and "not reached (front 5.0-5.0%)" in table
-    assert "| LoRA | 50.0 ± 0.0 | 0.002 (x2) |" in tradeoff.best_table(pts)
+    assert "| LoRA | 50.0 (1 seed) | 0.002 (x2) | 0.850 (1 seed) | 1 |" in tradeoff.best_table(pts)
     tradeoff.plot(pts, str(tmp_path / "t.png"))
     assert (tmp_path / "t.png").stat().st_size > 10_000
 
