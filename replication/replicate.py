@@ -157,6 +157,13 @@ def fine_tune(args, p: dict, method: str, seed: int, scale: float, work: str) ->
     return result
 
 
+def sweep_plan(methods: list[str], scales: list[float], seeds: list[int], sweep_seeds: list[int]) -> list[tuple[int, str, float]]:
+    """(seed, method, lr scale) of the first pass: ``seeds`` at x1, ``sweep_seeds`` at the other
+    scales; seed by seed, so an interrupted sweep already holds whole seeds."""
+    return [(s, m, k) for s in dict.fromkeys(seeds + sweep_seeds) for k in scales for m in methods
+            if s in (seeds if k == 1 else sweep_seeds)]
+
+
 def run_all(args, p: dict, plan: list[tuple[int, str, float]], work: str, stage: str) -> list[dict]:
     out = []
     for i, (seed, method, scale) in enumerate(plan):
@@ -329,8 +336,7 @@ def main() -> int:
     p = prepare(args, work)
     base = base_task_accuracy(p, args, work)
     scales = args.lr_scales
-    plan = [(s, m, k) for s in dict.fromkeys(args.seeds + args.sweep_seeds) for k in scales for m in methods
-            if s in (args.seeds if k == 1 else args.sweep_seeds)]
+    plan = sweep_plan(methods, scales, args.seeds, args.sweep_seeds)
     results = run_all(args, p, plan, work, "5.")
     extra = sorted(tradeoff.relied_on(tradeoff.points(results)), key=lambda mk: (methods.index(mk[0]), mk[1]))
     if args.extra_seeds and extra:

@@ -116,6 +116,15 @@ def test_tradeoff_front_matched_accuracy_and_claims(tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 10_000
 
 
+def test_sweep_plan_seeds_at_x1_and_elsewhere():
+    from replication.replicate import sweep_plan
+
+    assert sweep_plan(["lora", "milora"], [0.5, 1.0], [1, 2], [1]) == [
+        (1, "lora", 0.5), (1, "milora", 0.5), (1, "lora", 1.0), (1, "milora", 1.0), (2, "lora", 1.0), (2, "milora", 1.0)]
+    assert sweep_plan(["mica"], [1.0, 2.0], [1], [1]) == [(1, "mica", 1.0), (1, "mica", 2.0)]
+    assert sweep_plan(["mica"], [0.5, 1.0], [1], [3]) == [(1, "mica", 1.0), (3, "mica", 0.5)]
+
+
 def test_replicate_smoke(tmp_path):
     """Every stage at toy sizes: corpus, pre-training, task, convert, torchrun training at TP=2,
     both exports, evaluation, spectrum, the sweep's report (one method at two learning rates:
