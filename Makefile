@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-real demo-adapters test bench bench-train bench-bf16 replicate gpu-wheels gpu-check clean
+.PHONY: venv demo demo-real demo-adapters test bench bench-train bench-bf16 replicate replicate-smollm2 gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,11 @@ gpu-check:
 # Writes replication/results/ (RESULTS.md, replication.png, runs.json); reruns reuse runs/replication.
 replicate: $(STAMP)
 	$(PY) replication/replicate.py
+
+# The same replication on SmolLM2-135M-Instruct (fetched as demo-real does; ~2 h on 2 cores).
+replicate-smollm2: $(STAMP)
+	$(PY) -m pip install --quiet 'gguf>=0.10'
+	$(PY) replication/replicate.py --base smollm2
 
 clean:
 	rm -rf $(VENV) build *.egg-info

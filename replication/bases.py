@@ -30,15 +30,18 @@ class BaseChoice:
     work: str  # under runs/
     report: str  # under replication/results/ ("" = that folder itself)
     cut: str  # what the schedule leaves out, for the report
+    make_target: str  # the Makefile target that runs this schedule
 
 
 BASES = {
     "scratch": BaseChoice("scratch", tp=2, lr=None, iters=300, seeds="1,2", sweep_seeds="", extra_seeds="3", lr_scales="0.5,1,2",
-                          work="replication", report="", cut="300 steps per run (400 before the sweep)"),
+                          work="replication", report="", cut="300 steps per run (400 before the sweep)",
+                          make_target="make replicate"),
     "smollm2": BaseChoice("smollm2", tp=1, lr=3e-4, iters=40, seeds="1,2", sweep_seeds="1", extra_seeds="",
                           lr_scales="0.5,1,2", work="replication_smollm2", report="smollm2_cpu",
                           cut="40 steps of 16 problems per run (0.3 epochs); 2 seeds at the paper's lr 3e-4 (x1) and one "
-                              "at x0.5 and x2, no third seed: a run of the 135M model takes ~7 minutes on 2 cores"),
+                              "at x0.5 and x2, no third seed: a run of the 135M model takes ~7 minutes on 2 cores",
+                          make_target="make replicate-smollm2"),
 }
 
 

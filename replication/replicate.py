@@ -21,6 +21,7 @@ Every stage keeps its output in --work and is skipped when rerun, so an interrup
 continues and a second run re-uses the pre-trained model.
 
     python replication/replicate.py                    # the full replication (make replicate)
+    python replication/replicate.py --base smollm2     # on a real model (make replicate-smollm2)
     python replication/replicate.py --seeds 1 --extra-seeds "" --lr-scales 1 --iters 20 --pretrain-steps 50   # a smoke run
 """
 
@@ -248,7 +249,7 @@ Every point:
     title = " on SmolLM2-135M-Instruct" if args.base.name == "smollm2" else ""
     text = f"""# CPU replication of the MiLoRA claims{title}
 
-Command: `{command.strip()}` (`make replicate` runs the defaults). Time on 2 CPU cores: {prep_word}
+Command: `{command.strip()}` (`{args.base.make_target}` runs the defaults). Time on 2 CPU cores: {prep_word}
 {pre['minutes']:.1f} min, the {len(results)} fine-tuning runs {runs_min:.1f} min (train + export + evaluation), about
 {pre['minutes'] + runs_min + 1:.0f} min end to end from an empty --work; this invocation {elapsed_min:.1f} min (stages found
 in --work are reused).
