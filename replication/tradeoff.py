@@ -118,10 +118,15 @@ def matched_table(by_method: dict[str, list[Point]], reference: str = "milora") 
             if hit is None:
                 reach = front(by_method[m])
                 cells.append(f"not reached (front {reach[0].acc[0]:.1f}-{reach[-1].acc[0]:.1f}%)" if reach else "-")
+            elif len(hit[2]) == 1:
+                cells.append(_pm(hit[0], hit[1], "{:.3f}"))
+            elif math.isnan(hit[1]):
+                cells.append(f"{hit[0]:.3f} (interp.; spread not measured)")
             else:
-                how = "" if len(hit[2]) == 1 else " (interp.)"
-                cells.append(_pm(hit[0], hit[1], "{:.3f}") + how)
-        lines.append(f"| {_pm(*level.acc, '{:.1f}')}% (lr x{level.scale:g}, {len(level.seeds)} seeds) | " + " | ".join(cells) + " |")
+                cells.append(_pm(hit[0], hit[1], "{:.3f}") + " (interp.)")
+        (acc, sd), n = level.acc, len(level.seeds)
+        label = f"{acc:.1f}%" if math.isnan(sd) else f"{acc:.1f} ± {sd:.1f}%"
+        lines.append(f"| {label} (lr x{level.scale:g}, {n} seed{'s' if n > 1 else ''}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

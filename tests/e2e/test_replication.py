@@ -111,6 +111,7 @@ def test_tradeoff_front_matched_accuracy_and_claims(tmp_path):
     assert any(c.startswith("MiLoRA's best accuracy is at least LoRA's: no (40.0% vs 50.0%") for c in claims)
     table = tradeoff.matched_table(pts)
     assert "0.350 ± 0.000 (interp.)" in table and "not reached (front 5.0-5.0%)" in table
+    assert "| 40.0 ± 0.0% (lr x1, 2 seeds) | 0.300 ± 0.000 | 0.650 (interp.; spread not measured) |" in table
     assert "| LoRA | 50.0 (1 seed) | 0.002 (x2) | 0.850 (1 seed) | 1 |" in tradeoff.best_table(pts)
     tradeoff.plot(pts, str(tmp_path / "t.png"))
     assert (tmp_path / "t.png").stat().st_size > 10_000
