@@ -343,7 +343,8 @@ def main() -> int:
     if args.extra_seeds and extra:
         log(f"   matched-accuracy table reads {len(extra)} points: "
             + ", ".join(f"{m} x{k:g}" for m, k in extra) + f"; seeds {args.extra_seeds} there")
-        results += run_all(args, p, [(s, m, k) for s in args.extra_seeds for m, k in extra], work, "5b.")
+        more = [(s, m, k) for s in args.extra_seeds for m, k in extra if (s, m, k) not in plan]  # a seed counts once
+        results += run_all(args, p, more, work, "5b.")
     path = write_report(args, p, results, base, (time.time() - start) / 60)
     log(f"6. report: {path}")
     print(open(path).read())
