@@ -3,8 +3,9 @@ less" from "forgets less" (a method that moves less does both), so each method i
 learning rates and compared on its Pareto front, at the accuracies MiLoRA reaches.
 
 Conventions: a point is one (method, lr scale) with its seeds; its spread is the sample std
-over them, and not measured (NaN, printed as "1 seed") for a point with one seed. A method's front is its points that no other point of the same method beats on
-both accuracy (higher) and forgetting KL (lower), ordered by accuracy, so along it both rise.
+over them, and not measured (NaN, printed as "1 seed") for a point with one seed: never 0.
+A method's front is its points that no other point of the same method beats on both
+accuracy (higher) and forgetting KL (lower), ordered by accuracy, so along it both rise.
 Matched accuracy interpolates forgetting linearly in accuracy between the two front points
 that bracket it, and the spread the same way. Claims are computed here, never written by hand.
 """
