@@ -98,25 +98,28 @@ def scatter_factors(targets, tensors: dict[str, torch.Tensor], tp_rank: int = 0,
         local.copy_(full.to(local.dtype))
 
 
-def save_adapter_checkpoint(path: str, targets, peft_config, base, step: int, extra_writer=None) -> None:
+def save_adapter_checkpoint(path: str, targets, peft_config, base, step: int, extra_writer=None,
+                            run_config: dict | None = None) -> None:
     """Write one checkpoint folder of a (possibly distributed) run atomically; collective over all ranks.
 
     ``base`` is the ``BaseCheckpoint`` trained on; ``extra_writer(tmp_dir)``, if given, lets
     every rank add its own files (optimizer, RNG and data state) before the commit and
-    returns their names.
+    returns their names. ``run_config``: the training run's whole config, recorded so that a
+    resume can check what it may not change against the checkpoint itself.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     if not dist.is_initialized():
-        write_adapter_checkpoint(path, gather_factors(targets), peft_config, base, step, extra_writer=extra_writer)
+        write_adapter_checkpoint(path, gather_factors(targets), peft_config, base, step, extra_writer=extra_writer,
+                                 run_config=run_config)
         return
     factors = gather_factors(targets, ps.get_tensor_model_parallel_group())
     write_adapter_checkpoint(
         path, factors, peft_config, base, step,
         stage=ps.get_pipeline_model_parallel_rank(), stages=ps.get_pipeline_model_parallel_world_size(),
         writes_factors=ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0,
-        group=dist.group.WORLD, extra_writer=extra_writer,
+        group=dist.group.WORLD, extra_writer=extra_writer, run_config=run_config,
     )
 
 
@@ -127,7 +130,7 @@ def _file_record(folder: str, name: str) -> dict:
 
 def write_adapter_checkpoint(path: str, factors: dict[str, torch.Tensor], peft_config, base, step: int,
                              stage: int = 0, stages: int = 1, writes_factors: bool = True, group=None,
-                             extra_writer=None) -> None:
+                             extra_writer=None, run_config: dict | None = None) -> None:
     """The checkpoint folder from full factors (this stage's), then ``latest`` pointed at it.
     With a ``group``, every member calls it; its first rank writes the metadata and the pointer.
 
@@ -158,6 +161,8 @@ def write_adapter_checkpoint(path: str, factors: dict[str, torch.Tensor], peft_c
                 "stages": stages, "files": [f"adapter-stage{s:03d}.safetensors" for s in range(stages)],
                 "checksums": dict(sorted(mine.items())),
             }
+            if run_config is not None:
+                meta["run_config"] = run_config
             with open(os.path.join(tmp, META), "w") as f:
                 json.dump(meta, f, indent=2, sort_keys=True)
     if lead:

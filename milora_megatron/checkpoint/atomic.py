@@ -11,6 +11,8 @@ import os
 import shutil
 import struct
 
+from ..errors import as_user_error
+
 PARTIAL_SUFFIX = ".partial"
 REPLACED_SUFFIX = ".replaced"
 
@@ -53,10 +55,13 @@ def atomic_directory(final: str, overwrite: bool = False, group=None):
         dist.barrier(group=group)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         if lead:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        translated = as_user_error(exc, final)  # a full disk: one line naming the folder
+        if translated is exc:
+            raise
+        raise translated from exc
     if group is not None:
         dist.barrier(group=group)
     if lead:
@@ -119,10 +124,15 @@ def check_writable(final: str) -> None:
 
 def write_text_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise as_user_error(exc, path) from exc
     os.replace(tmp, path)
 
 
