@@ -8,9 +8,11 @@ workers install their own handler (save a checkpoint, exit 0) and torchrun then 
 An ignored disposition is inherited across exec, so a worker signalled before it installed
 its handler keeps running instead of dying.
 
-SIGTERM to the launcher alone (a ``kill`` of the launcher, a scheduler stopping it) is passed
-on to the workers, which save and exit 0, and the launcher then exits 0; plain torchrun would
-raise and exit 1 while tearing the workers down. A worker failure ends in one line rather
+SIGTERM to the launcher alone (a ``kill`` of the launcher, a scheduler stopping it) and Ctrl-C
+(SIGINT to the terminal's process group; torchrun's workers sit in sessions of their own and
+do not receive it) are passed on to the workers, which save and exit 0, and the launcher then
+exits 0; plain torchrun would raise and exit 1 while tearing the workers down (and kill them
+if the save takes over 30 s). A second Ctrl-C is passed on too: the workers abort at once. A worker failure ends in one line rather
 than torchrun's report (the trainer has already printed its one-line reason). Arguments
 are exactly torchrun's.
 """
@@ -37,9 +39,10 @@ if __name__ == "__main__":
 
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _forward_to_workers)
-    # SIGTERM stays ours: torchrun's --signals-to-handle (its PET_ variable) and, for versions
-    # without that flag, the variable its process start reads
-    os.environ["PET_SIGNALS_TO_HANDLE"] = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    signal.signal(signal.SIGINT, _forward_to_workers)
+    # SIGTERM and SIGINT stay ours: torchrun's --signals-to-handle (its PET_ variable) and, for
+    # versions without that flag, the variable its process start reads
+    os.environ["PET_SIGNALS_TO_HANDLE"] = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
     try:
         sys.exit(main())
     except ChildFailedError as exc:  # the workers said why; one line instead of torchrun's report

@@ -20,6 +20,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
+
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -27,15 +29,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto``: this process's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU."""
     if name not in DEVICES:
-        raise ValueError(f"model.device must be one of {list(DEVICES)}, got {name!r}")
+        raise ConfigError(f"model.device must be one of {list(DEVICES)}, got {name!r}")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError("model.device is cuda but no GPU is visible to this process (CUDA_VISIBLE_DEVICES?)")
+        raise ConfigError("model.device is cuda but no GPU is visible to this process (CUDA_VISIBLE_DEVICES?)")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise ValueError(
+        raise ConfigError(
             f"LOCAL_RANK {local_rank} has no GPU: {count} visible on this node. Start at most one process per GPU "
             f"(torchrun --nproc_per_node {count}), or run on the CPU with model.device=cpu"
         )
@@ -48,7 +50,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {['auto', *DTYPES]}, got {name!r}")
+        raise ConfigError(f"model.dtype must be one of {['auto', *DTYPES]}, got {name!r}")
     return DTYPES[name]
 
 

@@ -40,6 +40,11 @@ class OutputError(UserError, OSError):
     """An output that cannot be written: it exists, its parent is a file or not writable."""
 
 
+class RunFolderError(UserError, RuntimeError):
+    """The run folder cannot be used as asked (in use, not a run's, unusable checkpoints, a
+    change a resume cannot honour)."""
+
+
 class DiskFullError(UserError, OSError):
     """No space left on the device being written; what was already on disk is untouched."""
 

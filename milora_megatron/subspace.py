@@ -37,6 +37,8 @@ from typing import Literal, Sequence
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
+
 Which = Literal["minor", "principal"]
 _EPS64 = torch.finfo(torch.float64).eps
 
@@ -96,7 +98,7 @@ def full_shape(w: ShardedWeight, tp_size: int) -> tuple[int, int]:
 def check_rank(w: ShardedWeight, rank: int, tp_size: int) -> None:
     out, inp = full_shape(w, tp_size)
     if not 0 < rank <= min(out, inp):
-        raise ValueError(
+        raise ConfigError(
             f"adapter rank {rank} is invalid for {w.name}: its weight is {out} x {inp}, "
             f"so the rank must be between 1 and {min(out, inp)}"
         )

@@ -13,6 +13,7 @@ from .config import AdapterConfig
 from .init_cache import cached_subspaces
 from .layer import TargetAdapter, adapt_in_place
 from .variants import InitContext, get_variant
+from ..errors import ConfigError
 
 
 @dataclass
@@ -58,7 +59,7 @@ def find_targets(model_chunks, cfg: AdapterConfig, tp_size: int) -> list[Adapted
         index = layer.layer_number - 1  # megatron's layer_number is global and 1-based
         c = layer.config
         if "gate_proj" in cfg.targets and not c.gated_linear_unit:
-            raise ValueError("gate_proj is a target but the model's MLP is not gated (no SwiGLU)")
+            raise ConfigError("gate_proj is a target but the model's MLP is not gated (no SwiGLU)")
         layouts = layer_layouts(c.num_attention_heads, c.num_query_groups or c.num_attention_heads, c.kv_channels,
                                 c.ffn_hidden_size, c.hidden_size, c.gated_linear_unit)
         for target in cfg.targets:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..mapping import HF_TARGETS, PAPER_TARGETS
+from ..errors import ConfigError
 
 
 def option(default, help: str, **kwargs):
@@ -41,19 +42,19 @@ class AdapterConfig:
             self.alpha = float(self.rank)
         unknown = [t for t in self.targets if t not in HF_TARGETS]
         if unknown:
-            raise ValueError(f"unknown peft target(s) {unknown}; valid targets: {list(HF_TARGETS)}")
+            raise ConfigError(f"unknown peft target(s) {unknown}; valid targets: {list(HF_TARGETS)}")
         if not self.targets:
-            raise ValueError("peft.targets is empty")
+            raise ConfigError("peft.targets is empty")
         if self.rank < 1:
-            raise ValueError(f"peft.rank must be >= 1, got {self.rank}")
+            raise ConfigError(f"peft.rank must be >= 1, got {self.rank}")
         if self.alpha <= 0:
-            raise ValueError(f"peft.alpha must be > 0 (the scale is alpha / rank), got {self.alpha}")
+            raise ConfigError(f"peft.alpha must be > 0 (the scale is alpha / rank), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"peft.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"peft.dropout must be in [0, 1), got {self.dropout}")
         if self.residual not in ("branch", "merge"):
-            raise ValueError(f"peft.residual must be 'branch' or 'merge', got {self.residual!r}")
+            raise ConfigError(f"peft.residual must be 'branch' or 'merge', got {self.residual!r}")
         if self.svd_backend not in ("gram", "exact"):
-            raise ValueError(f"peft.svd_backend must be 'gram' or 'exact', got {self.svd_backend!r}")
+            raise ConfigError(f"peft.svd_backend must be 'gram' or 'exact', got {self.svd_backend!r}")
         from .variants import get_variant
 
         get_variant(self.method)  # fails early with the list of methods

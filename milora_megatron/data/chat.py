@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import DataError
+
 ROLES = ("system", "user", "assistant")
 
 
-class ConversationError(ValueError):
+class ConversationError(DataError):
     """A record that cannot be trained on; the caller adds the file and record."""
 
 
@@ -35,11 +37,11 @@ def check_conversation(messages) -> None:
 
 def check_tokenizer(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"data.template=chat needs a chat template, and the tokenizer of "
+        raise DataError(f"data.template=chat needs a chat template, and the tokenizer of "
                          f"{getattr(tokenizer, 'name_or_path', 'this model')} has none (add 'chat_template' to "
                          "tokenizer_config.json or a chat_template.jinja beside it, then convert again)")
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("data.template=chat needs a fast tokenizer (character offsets locate the assistant turns)")
+        raise DataError("data.template=chat needs a fast tokenizer (character offsets locate the assistant turns)")
 
 
 def _render(tokenizer, messages, generation_prompt: bool = False) -> str:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .templates import TEMPLATES
+from ..errors import DataError, MissingPathError
 
 
 def load_records(path: str):
@@ -18,7 +19,7 @@ def load_records(path: str):
     import datasets
 
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise MissingPathError(f"data file {path} does not exist")
     if os.path.isdir(path):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
@@ -27,16 +28,16 @@ def load_records(path: str):
     ext = path.rsplit(".", 1)[-1].lower()
     kind = {"jsonl": "json", "json": "json", "parquet": "parquet", "txt": "text"}.get(ext)
     if kind is None:
-        raise ValueError(f"{path}: unsupported data file type .{ext} (jsonl, json, parquet, txt or a save_to_disk folder)")
+        raise DataError(f"{path}: unsupported data file type .{ext} (jsonl, json, parquet, txt or a save_to_disk folder)")
     if os.path.getsize(path) == 0:
-        raise ValueError(f"{path} is empty")
+        raise DataError(f"{path} is empty")
     if kind in ("json", "text"):
         _check_utf8(path)  # datasets would replace bad bytes silently
     try:
         return datasets.load_dataset(kind, data_files=path, split="train")
     except Exception as exc:  # datasets names neither the file nor the line: find them
         problem = _first_bad_jsonl_line(path) if ext == "jsonl" else None
-        raise ValueError(f"{path}: {problem or f'cannot be read as {ext} ({type(exc).__name__}: {exc})'}") from exc
+        raise DataError(f"{path}: {problem or f'cannot be read as {ext} ({type(exc).__name__}: {exc})'}") from exc
 
 
 def _check_utf8(path: str, chunk: int = 1 << 24) -> None:
@@ -51,7 +52,7 @@ def _check_utf8(path: str, chunk: int = 1 << 24) -> None:
                 decoder.decode(block)
             except UnicodeDecodeError as exc:
                 line = lines + block[: exc.start].count(b"\n")
-                raise ValueError(f"{path}, line {line}: bytes that are not UTF-8 text ({exc.reason})") from None
+                raise DataError(f"{path}, line {line}: bytes that are not UTF-8 text ({exc.reason})") from None
             lines += block.count(b"\n")
 
 
@@ -128,18 +129,18 @@ def tokenize_examples(path: str, template: str, tokenizer) -> list[tuple[np.ndar
     required, fmt = template_.required, template_.format
     records = load_records(path)
     if len(records) == 0:
-        raise ValueError(f"{path} holds no records")
+        raise DataError(f"{path} holds no records")
     where = (lambda index: f"line {index + 1}") if path.endswith(".jsonl") else (lambda index: f"record index {index}")
     missing = _first_missing(records, required)
     if missing is not None:
         index, fields = missing
-        raise ValueError(f"{path}, {where(index)}: missing field(s) {fields} required by the {template!r} template")
+        raise DataError(f"{path}, {where(index)}: missing field(s) {fields} required by the {template!r} template")
     if template_.is_chat:
         return _tokenize_chat(path, records, tokenizer, where)
     wrong = _first_non_text(records, (*required, *template_.optional))
     if wrong is not None:
         index, field, value = wrong
-        raise ValueError(f"{path}, {where(index)}: field {field!r} must be text, found {value!r}")
+        raise DataError(f"{path}, {where(index)}: field {field!r} must be text, found {value!r}")
     eos = tokenizer.eos_token_id
 
     def encode(batch):
@@ -176,7 +177,7 @@ def _tokenize_chat(path: str, records, tokenizer, where) -> list[tuple[np.ndarra
             try:
                 i, m = encode_conversation(tokenizer, messages)
             except ConversationError as exc:
-                raise ValueError(f"{path}, {where(index)}: {exc}") from None
+                raise DataError(f"{path}, {where(index)}: {exc}") from None
             ids.append(i.tolist())
             masks.append(m.tolist())
         return {"input_ids": ids, "loss_mask": masks}
@@ -215,7 +216,7 @@ def text_samples(path: str, tokenizer, seq_len: int, max_samples: int | None = N
     """General text (a ``text`` column or a .txt file) cut into seq_len + 1 token windows, all scored."""
     records = load_records(path)
     if "text" not in records.column_names:
-        raise ValueError(f"{path}: forgetting data needs a 'text' column (or a .txt file), found {records.column_names}")
+        raise DataError(f"{path}: forgetting data needs a 'text' column (or a .txt file), found {records.column_names}")
     texts = [t for t in records["text"] if t]
     ids = [i for seq in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in seq] if texts else []
     n = seq_len + 1
@@ -223,6 +224,6 @@ def text_samples(path: str, tokenizer, seq_len: int, max_samples: int | None = N
     if max_samples:
         count = min(count, max_samples)
     if count == 0:
-        raise ValueError(f"{path}: fewer than {n} tokens of text")
+        raise DataError(f"{path}: fewer than {n} tokens of text")
     tokens = torch.tensor(ids[: count * n], dtype=torch.int64).view(count, n)
     return tokens, torch.ones(count, n, dtype=torch.float32)

@@ -5,7 +5,9 @@
 
 Overrides use the config's dotted keys (e.g. train.lr=1e-4 parallel.tp=2 peft.targets=q_proj,v_proj).
 Rerunning the same command resumes from the latest checkpoint in output.dir. SIGTERM/SIGUSR1
-save a checkpoint and exit cleanly (what Slurm sends before a time limit or preemption).
+(what Slurm sends before a time limit or preemption) and Ctrl-C save a checkpoint and exit
+cleanly; a second Ctrl-C aborts at once, keeping the last checkpoint. output.dir must be new,
+empty, or a run folder: a run never writes into another folder (an HF model, a base checkpoint).
 """
 
 import argparse
@@ -35,7 +37,8 @@ def _say(text: str) -> None:
 
 
 def main(argv=None) -> int:
-    from milora_megatron.train.config import ConfigError, describe, load_config
+    from milora_megatron.errors import UserError
+    from milora_megatron.train.config import describe, load_config
 
     p = argparse.ArgumentParser(description=__doc__, epilog="config keys (section.key = default):\n" + describe(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
+    except UserError as exc:
         _say(f"config error: {exc}")
         return 2
     if not cfg.model.load:
@@ -53,19 +56,17 @@ def main(argv=None) -> int:
     if "LOCAL_RANK" in os.environ:
         _stop_with_the_launcher()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from milora_megatron.errors import UserError, as_user_error
     from milora_megatron.train.loop import run
-    from milora_megatron.train.run_folder import RunFolderError
 
     try:
         result = run(cfg)
-    except (ValueError, KeyError, OSError, RunFolderError) as exc:  # what a user can fix: one line, no traceback
-        _say(f"error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}")
-        return 2
-    except SystemExit as exc:  # a stop the trainer decided (non-finite loss, diverged factors)
-        if isinstance(exc.code, str):
-            _say(exc.code)
-            return 1
-        raise
+    except Exception as exc:  # what a user can act on: one line, no traceback; a bug keeps its traceback
+        error = as_user_error(exc)
+        if not isinstance(error, UserError):
+            raise
+        _say(f"error: {error}" if error.exit_code == 2 else str(error))
+        return error.exit_code
     import torch.distributed as dist
 
     if dist.get_rank() == 0:

@@ -7,6 +7,7 @@ values of the wrong type are errors that list what is valid.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ import yaml
 from ..adapters.config import AdapterConfig, option
 from ..data.templates import TEMPLATES
 from ..device import DEVICES, DTYPES
+from ..errors import ConfigError, MissingPathError
 from ..models.llama import RECOMPUTE
 
 
@@ -96,10 +98,6 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def valid_keys(cls=RunConfig, prefix: str = "") -> list[str]:
@@ -192,6 +190,9 @@ def apply_override(data: dict, item: str) -> None:
 def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     data: dict = {}
     if path:
+        if not os.path.isfile(path):
+            raise MissingPathError(f"config file {path} " + ("is a folder, not a YAML file" if os.path.isdir(path)
+                                                             else "does not exist"))
         with open(path) as f:
             try:
                 data = yaml.safe_load(f) or {}

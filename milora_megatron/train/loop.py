@@ -14,9 +14,11 @@ nothing worth the coupling; gradients are summed over data-parallel ranks once p
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -28,6 +30,7 @@ from ..checkpoint.adapters import (AdapterCheckpoint, diverged, local_factors, s
                                    step_dir)
 from ..checkpoint.atomic import write_json_atomic
 from ..checkpoint.base import BaseCheckpoint
+from ..errors import CheckpointError, ConfigError, DataError, RunFolderError, TrainingStopped
 from ..device import all_reduce_scalars, resolve_device, resolve_dtype
 from ..models.llama import build_gpt, transformer_config
 from ..data import text_samples, to_samples, tokenize_examples
@@ -60,7 +63,7 @@ def load_data(cfg: RunConfig, base: BaseCheckpoint) -> Data:
     from transformers import AutoTokenizer
 
     if not cfg.data.train:
-        raise ValueError("data.train is not set")
+        raise ConfigError("data.train is not set")
     first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if dist.get_rank() != 0:
         import datasets
@@ -72,7 +75,7 @@ def load_data(cfg: RunConfig, base: BaseCheckpoint) -> Data:
         tokens, masks, positions = to_samples(tokenize_examples(path, d.template, tok), t.seq_len, pad, d.pack)
         keep = masks[:, 1:].sum(1) > 0
         if not keep.any():
-            raise ValueError(f"{path}: no example keeps a response token within train.seq_len={t.seq_len} "
+            raise DataError(f"{path}: no example keeps a response token within train.seq_len={t.seq_len} "
                              "(the prompts are longer); raise train.seq_len")
         if not keep.all() and dist.get_rank() == 0:
             print(f"warning: {path}: {int((~keep).sum())} of {len(keep)} examples have no response token within "
@@ -122,20 +125,58 @@ class BaseVerification:
         dist.all_gather_object(verdicts, self.verdict)
         bad = [v for v in verdicts if v]
         if bad:
-            raise ValueError(f"{bad[0]}: the base checkpoint is damaged; convert it again")
+            raise CheckpointError(f"{bad[0]}: the base checkpoint is damaged; convert it again")
 
 
 class StopSignals:
-    """SIGTERM / SIGUSR1 (Slurm's time limit, preemption) recorded, to be acted on between
-    steps. Installed before the model is built, so a signal during a long init still saves."""
+    """SIGTERM / SIGUSR1 (Slurm's time limit, preemption) and Ctrl-C (SIGINT) recorded, to be
+    acted on between steps: the run saves a checkpoint and stops. Installed before the model
+    is built, so a signal during a long init still saves.
+
+    A second Ctrl-C aborts at once without saving (the last checkpoint is kept), except
+    while a checkpoint is being written: that save completes first, then the run aborts."""
 
     def __init__(self):
         self.received: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.saving = False
+        self.abort_after_save = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame):
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            if self.saving:
+                self.abort_after_save = True
+                self._say("Ctrl-C again: a checkpoint is being written; aborting as soon as it is complete")
+                return
+            self._abort()
+        if self.received is None:
+            self.received = name
+            if signum == signal.SIGINT:
+                self._say("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again aborts at "
+                          "once, keeping the last checkpoint)")
+
+    @staticmethod
+    def _say(text: str) -> None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"pretrain_milora: {text}", file=sys.stderr, flush=True)
+
+    def _abort(self):
+        self._say("Ctrl-C again: aborted without saving; rerunning the same command resumes from the last "
+                  "checkpoint")
+        os._exit(130)
+
+    @contextlib.contextmanager
+    def saving_checkpoint(self):
+        """A Ctrl-C that arrives during the block waits for it to finish."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+            if self.abort_after_save:
+                self._abort()
 
     def agreed(self) -> bool:
         """True on every rank once any rank received one: all stop at the same step."""
@@ -152,7 +193,7 @@ class Trainer:
         self.rank = dist.get_rank()
         g, t = groups, cfg.train
         if t.global_batch % (g.dp_size * t.micro_batch):
-            raise ValueError(f"train.global_batch {t.global_batch} is not a multiple of data-parallel size {g.dp_size} "
+            raise ConfigError(f"train.global_batch {t.global_batch} is not a multiple of data-parallel size {g.dp_size} "
                              f"x train.micro_batch {t.micro_batch}")
         self.num_micro = t.global_batch // (g.dp_size * t.micro_batch)
         self.dtype = resolve_dtype(cfg.model.dtype, device)
@@ -194,6 +235,7 @@ class Trainer:
         n = len(self.data.train[0])
         self.total = t.iters if t.iters >= 0 else math.ceil(t.epochs * n / t.global_batch)
         self.step, self.position = 0, 0
+        self.saved_step, self.saved_path = None, None
         self.metrics = MetricsLog(self.out, self.total, enabled=self.rank == 0,
                                   sinks=self._sinks() if self.rank == 0 else ())
 
@@ -224,7 +266,7 @@ class Trainer:
         if self.plan["resume"] is not None:
             latest = AdapterCheckpoint(self.plan["resume"])  # verified on rank 0 by the plan
             if not self.base.is_the_base_of(latest.meta["base"]["fingerprint"]):
-                raise ValueError(f"{self.out} was trained on another base checkpoint ({latest.meta['base']['path']})")
+                raise RunFolderError(f"{self.out} was trained on another base checkpoint ({latest.meta['base']['path']})")
             scatter_factors(self.targets, latest.tensors(), g.tp_rank, g.tp_size)
             fold_initial(self.targets, self.peft)  # merge mode: W - s B0 A0, from the loaded B0, A0
             if self.plan.get("relayout"):
@@ -238,7 +280,14 @@ class Trainer:
                 set_rng_state(state["rng"])
             self.step, self.position = state["step"], state["position"]
             self.loss_scale.load_state_dict(state.get("loss_scale", self.loss_scale.state_dict()))
-            self.metrics.log({"event": "resumed", "from": latest.path, "step": self.step, **({"notes": notes} if notes else {})})
+            changed = self.plan.get("changed") or []
+            # the run's record follows what this resume changed (lr, iters, ...): config and total steps
+            if self.rank == 0:
+                write_json_atomic(os.path.join(self.out, "config.json"), self.cfg.to_dict())
+            if not self.plan.get("relayout"):
+                self._record_layout()
+            self.metrics.log({"event": "resumed", "from": latest.path, "step": self.step, "total_steps": self.total,
+                              **({"changed": changed} if changed else {}), **({"notes": notes} if notes else {})})
             return
         if self.rank == 0:
             write_json_atomic(os.path.join(self.out, "config.json"), self.cfg.to_dict())
@@ -262,7 +311,16 @@ class Trainer:
 
     def save(self) -> str:
         """A checkpoint of the current step, unless a factor has diverged anywhere (then
-        FloatingPointError: a checkpoint on the way to a divergence is not a good one)."""
+        FloatingPointError: a checkpoint on the way to a divergence is not a good one).
+        A Ctrl-C during the save waits for it."""
+        if self.saved_step == self.step and self.saved_path:
+            return self.saved_path  # a stop right after a periodic save: that checkpoint is this step's
+        with self.stop.saving_checkpoint() if self.stop is not None else contextlib.nullcontext():
+            path = self._save()
+        self.saved_step, self.saved_path = self.step, path
+        return path
+
+    def _save(self) -> str:
         bad = self._diverged()
         if all_reduce_scalars([1.0 if bad else 0.0], op=dist.ReduceOp.MAX)[0] > 0:
             raise FloatingPointError(f"adapter factors diverged at step {self.step} "
@@ -282,7 +340,8 @@ class Trainer:
                 names.append(write_moments(folder, g.pp_rank, moments, layout_free))
             return names
 
-        save_adapter_checkpoint(path, self.targets, self.peft, self.base, self.step, extra_writer=writer)
+        save_adapter_checkpoint(path, self.targets, self.peft, self.base, self.step, extra_writer=writer,
+                                run_config=self.cfg.to_dict())
         if self.rank == 0:
             prune(self.out, self.cfg.output.keep_last)
         dist.barrier()
@@ -388,14 +447,17 @@ class Trainer:
                     path = self.save()
                     self.metrics.log({"event": "stopped", "reason": f"received {self.stop.received or 'a stop signal'}",
                                       "step": self.step, "checkpoint": path})
-                    if self.rank == 0:
-                        print(f"saved {path} after a stop signal; rerun the same command to resume", flush=True)
+                    # one line on stderr, whatever the launcher prints after it (plain torchrun
+                    # answers SIGTERM/SIGINT with a traceback of its own and exit 1)
+                    self.stop._say(f"saved {path} (step {self.step}) after a stop signal "
+                                   f"({self.stop.received or 'from another rank'}): the save succeeded; "
+                                   "rerun the same command to resume")
                     return {"step": self.step, "checkpoint": path, "stopped": True}
             self.evaluate()
             path = self.save()
         except FloatingPointError as exc:
             self.metrics.log({"event": "stopped", "reason": str(exc), "step": self.step})
-            raise SystemExit(f"stopping: {exc}; the last good checkpoint is kept in {self.out}")
+            raise TrainingStopped(f"stopping: {exc}; the last good checkpoint is kept in {self.out}") from None
         self.metrics.log({"event": "done", "step": self.step, "checkpoint": path})
         return {"step": self.step, "checkpoint": path, "loss": last.get("loss")}
 

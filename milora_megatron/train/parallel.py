@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from .. import compat
 from ..device import backend_for
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def init_distributed(device: torch.device, tp: int, pp: int, seed: int) -> Paral
         dist.init_process_group(backend_for(device))
     world = dist.get_world_size()
     if world % (tp * pp):
-        raise ValueError(f"world size {world} is not a multiple of parallel.tp x parallel.pp = {tp * pp}")
+        raise ConfigError(f"world size {world} is not a multiple of parallel.tp x parallel.pp = {tp * pp}")
     compat.apply(device)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)

@@ -20,8 +20,9 @@ import shutil
 import socket
 import time
 
-from ..checkpoint.adapters import CHECKPOINTS, newest_complete
-from ..checkpoint.atomic import write_json_atomic
+from ..checkpoint.adapters import CHECKPOINTS, candidates, newest_complete
+from ..checkpoint.atomic import PARTIAL_SUFFIX, write_json_atomic
+from ..errors import RunFolderError, UserError, as_user_error
 from .state import optimizer_file, rank_file
 
 LOCK = "run.lock"
@@ -35,8 +36,8 @@ FIXED_ON_RESUME = ("peft.method", "peft.rank", "peft.alpha", "peft.targets", "pe
                    "data.template", "data.pack", "train.seq_len", "train.seed")
 
 
-class RunFolderError(RuntimeError):
-    """The run folder cannot be used as asked (in use, unusable checkpoints, incompatible resume)."""
+MARKER = ".milora-run"  # written into a folder the moment a run takes it: "this folder is a run's"
+OWN_FILES = (MARKER, LOCK)
 
 
 class RunLockedError(RunFolderError):
@@ -113,9 +114,32 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def resume_conflicts(saved: dict, now: dict) -> list[str]:
-    """``key: saved -> now`` for every FIXED_ON_RESUME key a rerun changed."""
+    """``key: saved -> now`` for every FIXED_ON_RESUME key a rerun changed (of those ``saved`` records)."""
     a, b = _flatten(saved), _flatten(now)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in FIXED_ON_RESUME if a.get(k) != b.get(k)]
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in FIXED_ON_RESUME if k in a and a.get(k) != b.get(k)]
+
+
+def changed_keys(saved: dict, now: dict) -> list[str]:
+    """``key: saved -> now`` for every key a resume changed (what it may change: lr, iters, ...)."""
+    a, b = _flatten(saved), _flatten(now)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def claim(out: str) -> None:
+    """Make ``out`` this run's, or refuse: a run writes only into a new or empty folder, or one
+    a run created (its marker, or the ``run.json`` of a run from before the marker). An HF
+    model folder or a base checkpoint given as ``output.dir`` would otherwise be overwritten."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunFolderError(f"output.dir {out} is a file, not a folder")
+    present = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if present and not any(name in present for name in (MARKER, RUN)):
+        shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+        raise RunFolderError(f"output.dir {out} is not empty and is not a run folder (it holds {shown}; no {RUN}): "
+                             "a run writes only into a new or empty folder, or a run folder it created; "
+                             "choose another output.dir")
+    os.makedirs(out, exist_ok=True)
+    if MARKER not in present:
+        write_json_atomic(os.path.join(out, MARKER), {"created": time.time(), "by": "milora-megatron"})
 
 
 def _read(out: str, name: str) -> dict | None:
@@ -133,7 +157,10 @@ def plan(out: str, config: dict, world_size: int, fresh_start: bool) -> dict:
     """What this run does with ``out`` (rank 0 decides, before any expensive work):
     ``{"resume": path or None, "notes": [...]}``; raises RunFolderError when it must not go on."""
     checkpoints = os.path.join(out, CHECKPOINTS)
-    has_checkpoints = os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))
+    # an interrupted save (step_N.partial) is not a checkpoint; a lone ``latest`` points at nothing
+    has_checkpoints = bool(candidates(out))
+    interrupted = sorted(p for p in os.listdir(checkpoints) if p.endswith(PARTIAL_SUFFIX)) \
+        if os.path.isdir(checkpoints) else []
     if fresh_start and (has_checkpoints or os.path.exists(os.path.join(out, CONFIG))):
         keep = os.path.join(out, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
         os.makedirs(keep)
@@ -142,7 +169,11 @@ def plan(out: str, config: dict, world_size: int, fresh_start: bool) -> dict:
                 shutil.move(os.path.join(out, name), keep)
         return {"resume": None, "notes": [f"output.fresh_start: the previous run was moved to {keep}"]}
     if not has_checkpoints:
-        return {"resume": None, "notes": []}
+        for name in interrupted:  # no live writer: this run holds the folder's lock
+            shutil.rmtree(os.path.join(checkpoints, name), ignore_errors=True)
+        notes = ([f"{', '.join(interrupted)}: an interrupted save, not a checkpoint (removed); no complete "
+                  "checkpoint, so training starts from the beginning"] if interrupted else [])
+        return {"resume": None, "notes": notes}
     saved, run = _read(out, CONFIG), _read(out, RUN) or {}
     conflicts = resume_conflicts(saved, config) if saved is not None else []
     if conflicts:
@@ -166,12 +197,19 @@ def plan(out: str, config: dict, world_size: int, fresh_start: bool) -> dict:
         raise RunFolderError(
             f"{out} holds checkpoints but none is complete and verified ({'; '.join(skipped)}); repair or move "
             "them, or rerun with output.fresh_start=true to start again (the old run is kept under previous-*/)")
+    # the checkpoint's own record decides too: config.json may be gone or replaced
+    recorded = ckpt.meta.get("run_config") or {"peft": ckpt.meta.get("peft", {})}
+    conflicts = resume_conflicts(recorded, config)
+    if conflicts:
+        raise RunFolderError(f"{ckpt.path} was trained with other settings that a resume cannot change "
+                             f"({'; '.join(conflicts)}); use another output.dir, or output.fresh_start=true")
+    changed = changed_keys(ckpt.meta["run_config"] if "run_config" in ckpt.meta else saved or {}, config)
     if not ckpt.verified:
         notes.append(f"{ckpt.path} predates checksums: loaded unverified")
     if relayout:
         notes.append(f"resuming on another layout: {_layout(then)} -> {_layout(now)} (factors and AdamW state "
                      "re-sharded; dropout streams are reseeded)")
-    return {"resume": ckpt.path, "notes": notes, "relayout": relayout, "saved_stages": then[2]}
+    return {"resume": ckpt.path, "notes": notes, "relayout": relayout, "saved_stages": then[2], "changed": changed}
 
 
 def _layout(layout: tuple[int, int, int]) -> str:
@@ -185,10 +223,10 @@ def prepare(cfg, world_size: int) -> tuple[dict, RunLock | None]:
     import torch.distributed as dist
 
     out = os.path.abspath(cfg.output.dir)
-    decision, lock = None, None
+    decision, lock, failure = None, None, None
     if dist.get_rank() == 0:
         try:  # whatever goes wrong here, every rank must hear of it rather than wait
-            os.makedirs(out, exist_ok=True)
+            claim(out)
             lock = RunLock(out)
             note = lock.acquire()
             try:
@@ -198,10 +236,15 @@ def prepare(cfg, world_size: int) -> tuple[dict, RunLock | None]:
                 raise
             if note:
                 decision["notes"].insert(0, note)
-        except (RunFolderError, OSError, ValueError) as exc:
-            decision, lock = {"error": str(exc)}, None
+        except Exception as exc:
+            failure = as_user_error(exc, out)
+            decision, lock = {"error": str(failure), "user": isinstance(failure, UserError)}, None
     box = [decision]
     dist.broadcast_object_list(box, src=0)
     if "error" in box[0]:
-        raise RunFolderError(box[0]["error"])
+        if failure is not None and not box[0]["user"]:
+            raise failure  # a bug: rank 0 keeps its traceback
+        if not box[0]["user"]:
+            raise RuntimeError(f"rank 0 failed while preparing the run folder: {box[0]['error']}")
+        raise failure if isinstance(failure, UserError) else RunFolderError(box[0]["error"])
     return box[0], lock

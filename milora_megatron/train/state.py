@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..checkpoint.adapters import CHECKPOINTS, LATEST, AdapterCheckpoint
+from ..errors import CheckpointError
 
 
 def rank_file(rank: int) -> str:
@@ -44,8 +45,11 @@ def state_writer(rank: int, optimizer, step: int, position: int, extra: dict | N
     """An ``extra_writer`` for ``save_adapter_checkpoint``: this rank's training state."""
 
     def write(folder: str) -> list[str]:
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, "position": position,
-                    "rng": rng_state(), **(extra or {})}, os.path.join(folder, rank_file(rank)))
+        # through a file object: a full disk then surfaces as OSError ENOSPC (as the cause of
+        # torch's own error), not as a bare "unexpected pos"
+        with open(os.path.join(folder, rank_file(rank)), "wb") as f:
+            torch.save({"optimizer": optimizer.state_dict(), "step": step, "position": position,
+                        "rng": rng_state(), **(extra or {})}, f)
         return [rank_file(rank)]
 
     return write
@@ -54,7 +58,7 @@ def state_writer(rank: int, optimizer, step: int, position: int, extra: dict | N
 def load_state(ckpt: AdapterCheckpoint, rank: int) -> dict:
     path = os.path.join(ckpt.path, rank_file(rank))
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{ckpt.path} has no training state for rank {rank}: resume needs the same world size "
             "(and TP/PP) it was saved with"
         )
@@ -145,10 +149,10 @@ def install_moments(targets, optimizer, moments: dict, adam_step: int, tp_rank: 
         for moment in MOMENTS:
             full = moments.get(f"{key}.{moment}")
             if full is None:
-                raise KeyError(f"the checkpoint's optimizer state lacks {key}.{moment}")
+                raise CheckpointError(f"the checkpoint's optimizer state lacks {key}.{moment}")
             part = full.chunk(tp_size, dim=dim)[tp_rank] if dim is not None else full
             if tuple(part.shape) != tuple(param.shape):
-                raise ValueError(f"{key}.{moment}: saved {tuple(part.shape)}, the model has {tuple(param.shape)}")
+                raise CheckpointError(f"{key}.{moment}: saved {tuple(part.shape)}, the model has {tuple(param.shape)}")
             entry[moment] = part.clone()
         state[index[id(param)]] = entry
     saved = optimizer.state_dict()

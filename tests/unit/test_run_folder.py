@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from milora_megatron.train.run_folder import RunFolderError, RunLock, RunLockedError, plan, resume_conflicts
+from milora_megatron.train.run_folder import (MARKER, RunFolderError, RunLock, RunLockedError, changed_keys, claim,
+                                              plan, resume_conflicts)
 
 
 def test_resume_conflicts_name_each_fixed_key():
@@ -59,8 +60,10 @@ def test_another_layout_needs_the_layout_independent_state(tmp_path):
     from milora_megatron.checkpoint.adapters import step_dir, write_adapter_checkpoint
     from milora_megatron.train.state import optimizer_file, rank_file
 
+    from dataclasses import asdict
+
     base = types.SimpleNamespace(path="/nowhere", fingerprint="f")
-    config = {"peft": {"method": "lora"}, "parallel": {"tp": 2, "pp": 1}}
+    config = {"peft": asdict(AdapterConfig(method="lora")), "parallel": {"tp": 2, "pp": 1}}
 
     def extra(folder):
         for r in range(2):
@@ -87,3 +90,84 @@ def test_another_layout_needs_the_layout_independent_state(tmp_path):
                              base, 4, extra_writer=extra_v2)
     decided = plan(str(tmp_path), now, world_size=2, fresh_start=False)
     assert decided["relayout"] and decided["resume"].endswith("step_0000004") and decided["saved_stages"] == 1
+
+
+def test_a_run_writes_only_into_a_new_empty_or_run_folder(tmp_path):
+    hf = tmp_path / "hf_model"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (hf / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(RunFolderError, match=r"is not empty and is not a run folder \(it holds config.json, "
+                                             r"model.safetensors; no run.json\)"):
+        claim(str(hf))
+    assert sorted(os.listdir(hf)) == ["config.json", "model.safetensors"]  # nothing written into it
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(RunFolderError, match="is a file, not a folder"):
+        claim(str(tmp_path / "a_file"))
+    claim(str(tmp_path / "new" / "run"))  # a new folder (and its parents) is made and marked
+    assert (tmp_path / "new" / "run" / MARKER).is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    claim(str(empty))
+    (empty / "metrics.jsonl").write_text("")
+    claim(str(empty))  # marked: a run's own folder, however much it holds
+    older = tmp_path / "older"  # a run folder written before the marker existed
+    older.mkdir()
+    (older / "run.json").write_text("{}")
+    (older / "config.json").write_text("{}")
+    claim(str(older))
+    assert (older / MARKER).is_file()
+
+
+def _checkpoint(run, step, config, files=None):
+    import types
+
+    from milora_megatron.adapters import AdapterConfig
+    from milora_megatron.checkpoint.adapters import step_dir, write_adapter_checkpoint
+    from milora_megatron.train.state import rank_file
+
+    def extra(folder):
+        open(os.path.join(folder, rank_file(0)), "w").write("state")
+        return [rank_file(0)]
+
+    write_adapter_checkpoint(step_dir(str(run), step), {"m.lora_A": __import__("torch").zeros(2, 2)},
+                             AdapterConfig(**config["peft"]), types.SimpleNamespace(path="/b", fingerprint="f"), step,
+                             extra_writer=extra, run_config=config)
+
+
+def test_an_interrupted_first_save_is_not_a_checkpoint(tmp_path):
+    partial = tmp_path / "checkpoints" / "step_0000004.partial"
+    partial.mkdir(parents=True)
+    (partial / "adapter-stage000.safetensors").write_bytes(b"half")
+    decided = plan(str(tmp_path), {}, world_size=1, fresh_start=False)
+    assert decided["resume"] is None
+    assert "step_0000004.partial: an interrupted save, not a checkpoint" in decided["notes"][0]
+    assert "starts from the beginning" in decided["notes"][0] and not partial.exists()
+    (tmp_path / "checkpoints" / "latest").write_text("step_0000004\n")  # a pointer to nothing
+    assert plan(str(tmp_path), {}, world_size=1, fresh_start=False)["resume"] is None
+
+
+def test_what_a_resume_may_not_change_is_checked_against_the_checkpoint(tmp_path):
+    """config.json gone (or replaced): the checkpoint's own record still refuses another method."""
+    from dataclasses import asdict
+
+    from milora_megatron.adapters import AdapterConfig
+
+    config = {"peft": asdict(AdapterConfig(method="milora", rank=4, alpha=4.0)), "train": {"lr": 3e-4, "iters": 4},
+              "parallel": {"tp": 1, "pp": 1}}
+    _checkpoint(tmp_path, 2, config)
+    lora = {**config, "peft": {**config["peft"], "method": "lora"}}
+    with pytest.raises(RunFolderError, match=r"a resume cannot change \(peft.method: 'milora' -> 'lora'\)"):
+        plan(str(tmp_path), lora, world_size=1, fresh_start=False)  # no config.json at all
+    (tmp_path / "config.json").write_text(json.dumps(lora))  # a config.json that agrees with the change
+    with pytest.raises(RunFolderError, match=r"peft.method: 'milora' -> 'lora'"):
+        plan(str(tmp_path), lora, world_size=1, fresh_start=False)
+    (tmp_path / "config.json").unlink()
+    later = {**config, "train": {"lr": 1e-4, "iters": 8}}
+    decided = plan(str(tmp_path), later, world_size=1, fresh_start=False)
+    assert decided["resume"].endswith("step_0000002")
+    assert decided["changed"] == ["train.iters: 4 -> 8", "train.lr: 0.0003 -> 0.0001"]
+
+
+def test_changed_keys_lists_every_difference():
+    assert changed_keys({"a": {"x": 1, "y": 2}}, {"a": {"x": 1, "y": 3, "z": 0}}) == ["a.y: 2 -> 3", "a.z: None -> 0"]

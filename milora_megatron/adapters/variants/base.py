@@ -10,6 +10,7 @@ from typing import ClassVar
 import torch
 
 from ...subspace import Subspace, Which
+from ...errors import ConfigError
 
 
 @dataclass
@@ -63,7 +64,7 @@ def register(cls: type[Variant]) -> type[Variant]:
 
 def get_variant(name: str) -> Variant:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown peft method {name!r}; available: {sorted(_REGISTRY)}")
+        raise ConfigError(f"unknown peft method {name!r}; available: {sorted(_REGISTRY)}")
     return _REGISTRY[name]()
 
 
