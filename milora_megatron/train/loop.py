@@ -30,7 +30,7 @@ from ..checkpoint.adapters import (AdapterCheckpoint, diverged, local_factors, s
                                    step_dir)
 from ..checkpoint.atomic import write_json_atomic
 from ..checkpoint.base import BaseCheckpoint
-from ..errors import CheckpointError, ConfigError, DataError, RunFolderError, TrainingStopped
+from ..errors import CheckpointError, ConfigError, DataError, DiskFullError, RunFolderError, TrainingStopped
 from ..device import all_reduce_scalars, resolve_device, resolve_dtype
 from ..models.llama import build_gpt, transformer_config
 from ..data import text_samples, to_samples, tokenize_examples
@@ -177,10 +177,6 @@ class StopSignals:
             self.saving = False
             if self.abort_after_save:
                 self._abort()
-
-    def agreed(self) -> bool:
-        """True on every rank once any rank received one: all stop at the same step."""
-        return all_reduce_scalars([1.0 if self.received else 0.0], op=dist.ReduceOp.MAX)[0] > 0
 
 
 class Trainer:
@@ -409,7 +405,14 @@ class Trainer:
 
     # ---- the run -----------------------------------------------------------------------
     def _stop_requested(self) -> bool:
-        return self.stop is not None and self.stop.agreed()
+        """A stop signal on any rank, or a full disk under rank 0's metrics (then all ranks
+        raise the same DiskFullError instead of training on without a record)."""
+        signalled = self.stop is not None and self.stop.received is not None
+        full = self.metrics.disk_full
+        agreed = all_reduce_scalars([float(signalled), float(full is not None)], op=dist.ReduceOp.MAX)
+        if agreed[1] > 0:
+            raise DiskFullError(full or os.path.join(self.out, "metrics.jsonl"))
+        return agreed[0] > 0
 
     def run(self) -> dict:
         try:

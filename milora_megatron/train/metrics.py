@@ -7,6 +7,8 @@ import json
 import os
 import time
 
+from ..errors import is_disk_full
+
 
 def nvml_uuid(torch_uuid) -> str:
     """NVML's name for a device from torch's ``get_device_properties(...).uuid``.
@@ -63,6 +65,7 @@ class MetricsLog:
         self.start = time.time()
         self.first_step = None
         self.sinks = list(sinks) if enabled else []
+        self.disk_full: str | None = None  # the file a full disk could not take
 
     def log(self, record: dict, console: bool = True) -> None:
         if not self.enabled:
@@ -70,8 +73,14 @@ class MetricsLog:
         record = {"time": round(time.time(), 3), **record}
         if "step" in record and "loss" in record:
             record.update(_gpu_stats())
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            # every rank must stop together: the trainer asks ``disk_full`` at its next step boundary
+            self.disk_full = self.path
         for sink in self.sinks:
             try:
                 sink.log(record)

@@ -54,6 +54,11 @@ def test_a_deleted_latest_pointer_loses_nothing(inputs, tmp_path):
     assert _events(out, "resumed")[-1]["from"].endswith("step_0000004")
     assert _trained_after_resume(out) == [5, 6]  # before the fix: steps 1..6 again, checkpoints overwritten
     assert sorted(last_losses(out)) == list(range(1, 7))
+    # a resume may change train.iters: it is named, and the run's record follows it
+    resumed = _events(out, "resumed")[-1]
+    assert resumed["changed"] == ["train.iters: 4 -> 6"] and resumed["total_steps"] == 6
+    assert json.loads((out / "config.json").read_text())["train"]["iters"] == 6
+    assert json.loads((out / "run.json").read_text())["total_steps"] == 6
 
 
 def test_a_damaged_newest_checkpoint_falls_back_and_says_so(inputs, tmp_path):
@@ -214,19 +219,147 @@ def test_errors_are_one_line_before_the_expensive_work(inputs, tmp_path, case):
     assert "Traceback" not in text and "subspaces" not in text  # no tracebacks; before the SVD init
 
 
-def test_sigterm_to_the_launcher_saves_and_exits_zero(inputs, tmp_path):
-    out = tmp_path / "run"
-    proc = torchrun(1, _args(inputs, out, **{"train.iters": 500}), launcher=TORCHRUN_WRAPPER)
+def _wait_for_training(proc, out, first_checkpoint=False):
     deadline = time.time() + 120
-    while not any("loss" in r for r in records(out)):
-        assert time.time() < deadline and proc.poll() is None
+    ready = ((lambda: any((out / "checkpoints").glob("step_*/adapter.json"))) if first_checkpoint
+             else (lambda: any("loss" in r for r in records(out))))
+    while not ready():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[0][-3000:]
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+
+
+@pytest.mark.parametrize("launcher,how", [("wrapper", "SIGTERM to the launcher"), ("wrapper", "Ctrl-C"),
+                                          ("torchrun", "Ctrl-C")])
+def test_a_stop_signal_or_ctrl_c_saves_and_says_so(inputs, tmp_path, launcher, how):
+    """Ctrl-C is SIGINT to the terminal's process group (the launcher's: torchrun's workers sit
+    in sessions of their own); the launcher passes it on and the workers save, as for SIGTERM."""
+    out = tmp_path / "run"
+    proc = torchrun(1, _args(inputs, out, **{"train.iters": 500}),
+                    launcher=TORCHRUN_WRAPPER if launcher == "wrapper" else None, start_new_session=True)
+    _wait_for_training(proc, out)
+    if how == "Ctrl-C":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
     text, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, text[-3000:]  # plain torchrun: exit 1 and a traceback
     stopped = _events(out, "stopped")
-    assert stopped and "SIGTERM" in stopped[-1]["reason"]
-    assert (out / "checkpoints" / f"step_{stopped[-1]['step']:07d}" / "adapter.json").exists()
+    assert stopped and ("SIGINT" if how == "Ctrl-C" else "SIGTERM") in stopped[-1]["reason"], text[-3000:]
+    step = stopped[-1]["step"]
+    assert (out / "checkpoints" / f"step_{step:07d}" / "adapter.json").exists()  # before: Ctrl-C saved nothing
+    assert f"(step {step}) after a stop signal" in text and "the save succeeded" in text
+    if launcher == "wrapper":
+        assert proc.returncode == 0 and "Traceback" not in text, text[-3000:]  # plain torchrun: exit 1
+    run(1, _args(inputs, out, **{"train.iters": step + 1}))
+    assert _trained_after_resume(out) == [step + 1]
+
+
+_SECOND_CTRL_C = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+from milora_megatron.train.loop import StopSignals
+
+stop = StopSignals()
+os.kill(os.getpid(), signal.SIGINT)
+assert stop.received == "SIGINT"
+with stop.saving_checkpoint():
+    os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, while a checkpoint is written
+    time.sleep(0.2)
+    open({done!r}, "w").write("the save completed")
+print("not reached: the second Ctrl-C aborts once the save is complete")
+"""
+
+
+def test_a_second_ctrl_c_aborts_but_never_cuts_a_save_short(tmp_path):
+    done = tmp_path / "saved"
+    proc = subprocess.run([sys.executable, "-c", _SECOND_CTRL_C.format(root=ROOT, done=str(done))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert done.read_text() == "the save completed"
+    assert "a checkpoint is being written; aborting as soon as it is complete" in proc.stderr
+    assert "aborted without saving" in proc.stderr and "not reached" not in proc.stdout
+
+
+_KILL_DURING_FIRST_SAVE = """
+import os, signal, sys, torch
+sys.path.insert(0, {root!r})
+import milora_megatron.checkpoint.atomic as atomic
+from milora_megatron.adapters import AdapterConfig
+from milora_megatron.checkpoint.adapters import step_dir, write_adapter_checkpoint
+
+class Base:
+    path = fingerprint = "base"
+
+def killed(_tmp):
+    os.kill(os.getpid(), signal.SIGKILL)  # the files are written, the folder not yet renamed into place
+atomic._fsync_tree = killed
+write_adapter_checkpoint(step_dir({run!r}, 1), {{"m.lora_A": torch.ones(2, 4)}}, AdapterConfig(), Base(), step=1)
+"""
+
+
+def test_an_interrupted_first_save_does_not_block_the_rerun(inputs, tmp_path):
+    from milora_megatron.train.run_folder import claim
+
+    out = tmp_path / "run"
+    claim(str(out))  # the folder of a run killed during its first save
+    proc = subprocess.run([sys.executable, "-c", _KILL_DURING_FIRST_SAVE.format(root=ROOT, run=str(out))],
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL and (out / "checkpoints" / "step_0000001.partial").is_dir()
+    text = run(1, _args(inputs, out, **{"train.iters": 2}))  # before: "none is complete and verified ()"
+    assert "an interrupted save, not a checkpoint" in text and "starts from the beginning" in text
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2]
+    assert not (out / "checkpoints" / "step_0000001.partial").exists()
+
+
+def test_a_folder_that_is_not_a_run_folder_is_never_written(inputs, tmp_path):
+    root, ckpt = inputs
+    hf = shutil.copytree(root / "hf", tmp_path / "hf")
+    before = {p: (hf / p).read_bytes() for p in os.listdir(hf)}
+    start = time.time()
+    text = run(1, _args(inputs, hf, **{"train.iters": 2}), ok=False, launcher=TORCHRUN_WRAPPER)
+    ours = [line for line in text.splitlines() if line.startswith("pretrain_milora: error:")]
+    assert run.returncode != 0 and len(ours) == 1 and "is not empty and is not a run folder" in ours[0], text[-3000:]
+    assert "Traceback" not in text and time.time() - start < 60
+    assert {p: (hf / p).read_bytes() for p in os.listdir(hf)} == before  # before: config.json replaced
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB filesystem (tmpfs) to fill; root can mount one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): the full-disk test needs one")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _fill(folder):
+    with open(os.path.join(folder, "filler"), "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 16))
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_a_full_disk_during_training_is_one_line_and_keeps_the_last_checkpoint(inputs, small_disk):
+    from milora_megatron.checkpoint.adapters import AdapterCheckpoint
+
+    out = small_disk / "run"
+    proc = torchrun(1, _args(inputs, out, **{"train.iters": 500, "output.save_every": 1, "output.keep_last": 1,
+                                             "output.tensorboard": "false"}), launcher=TORCHRUN_WRAPPER)
+    _wait_for_training(proc, out, first_checkpoint=True)
+    _fill(small_disk)
+    text, _ = proc.communicate(timeout=120)
+    ours = [line for line in text.splitlines() if line.startswith("pretrain_milora: error:")]
+    assert proc.returncode != 0 and len(ours) == 1, text[-3000:]
+    assert "no space left on device" in ours[0] and str(out) in ours[0] and "Traceback" not in text
+    (small_disk / "filler").unlink()
+    kept = AdapterCheckpoint(str(out), verify=True)  # the last complete checkpoint is intact
+    assert kept.step >= 1 and not [p for p in os.listdir(out / "checkpoints") if p.endswith(".partial")]
 
 
 def test_a_run_folder_written_before_checksums_still_resumes(inputs, tmp_path):
