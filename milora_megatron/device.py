@@ -54,6 +54,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def on_gpu(device: torch.device) -> bool:
+    """Whether this run's own device is a GPU: the question to ask before touching
+    ``torch.cuda`` (``torch.cuda.is_available()`` is true on a GPU node even for a
+    ``model.device=cpu`` run, and using it opens a CUDA context on GPU 0)."""
+    return torch.device(device).type == "cuda"
+
+
 def backend_for(device: torch.device) -> str:
     """The process-group backend for a run on ``device``."""
     return "nccl" if device.type == "cuda" else "gloo"

@@ -69,6 +69,8 @@ class ParallelConfig:
     tp: int = option(1, "tensor-parallel size")
     pp: int = option(1, "pipeline-parallel size")
     sp: bool = option(False, "sequence parallelism (needs tp > 1)")
+    timeout_minutes: int = option(30, "how long every process group (the default one, megatron's, the host-side "
+                                      "one) waits in a collective before it gives up, as megatron's default")
 
 
 @dataclass
@@ -226,6 +228,7 @@ def validate(cfg: RunConfig) -> None:
         (t.warmup >= 0, f"train.warmup must be >= 0, got {t.warmup}"),
         (t.schedule in ("linear", "cosine"), f"train.schedule must be linear or cosine, got {t.schedule!r}"),
         (p.tp >= 1 and p.pp >= 1, f"parallel.tp and parallel.pp must be >= 1, got {p.tp}, {p.pp}"),
+        (p.timeout_minutes >= 1, f"parallel.timeout_minutes must be >= 1, got {p.timeout_minutes}"),
         (cfg.data.template in TEMPLATES, f"data.template must be one of {sorted(TEMPLATES)}, got {cfg.data.template!r}"),
         (cfg.model.spec == "local", f"model.spec must be 'local', got {cfg.model.spec!r}: transformer-engine's "
                                     "spec ('te') builds TE linears that the adapters cannot wrap, and it has not run "

@@ -57,9 +57,10 @@ class Data:
     forgetting: tuple[torch.Tensor, torch.Tensor] | None
 
 
-def load_data(cfg: RunConfig, base: BaseCheckpoint) -> Data:
+def load_data(cfg: RunConfig, base: BaseCheckpoint, host_group=None) -> Data:
     """Tokenise the data files. The first process of each node tokenises (one batched
-    ``datasets.map``, cached by ``datasets``); the node's other processes then load that."""
+    ``datasets.map``, cached by ``datasets``); the node's other processes then load that,
+    waiting on ``host_group`` (gloo: never an NCCL barrier while one rank works on the CPU)."""
     from transformers import AutoTokenizer
 
     if not cfg.data.train:
@@ -90,13 +91,13 @@ def load_data(cfg: RunConfig, base: BaseCheckpoint) -> Data:
     tok = AutoTokenizer.from_pretrained(base.hf_side_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if not first_on_node:
-        dist.barrier()
+        dist.barrier(group=host_group)
     try:
         data, error = read(), None
     except Exception as exc:  # the node's other ranks meet the same error after the barrier
         data, error = None, exc
     if first_on_node:
-        dist.barrier()
+        dist.barrier(group=host_group)
     if error is not None:
         raise error
     return data
@@ -107,9 +108,10 @@ class BaseVerification:
     thread (sha256 releases the GIL) while the model is built and the adapters initialised;
     ``result()`` gathers the verdicts and raises on every rank if any file changed."""
 
-    def __init__(self, base, rank: int, world: int):
+    def __init__(self, base, rank: int, world: int, host_group=None):
         import threading
 
+        self.group = host_group
         self.verdict = None
         self.thread = None
         if hasattr(base, "check_share"):  # not for the benchmarks' random base
@@ -122,7 +124,7 @@ class BaseVerification:
             return
         self.thread.join()
         verdicts = [None] * dist.get_world_size()
-        dist.all_gather_object(verdicts, self.verdict)
+        dist.all_gather_object(verdicts, self.verdict, group=self.group)
         bad = [v for v in verdicts if v]
         if bad:
             raise CheckpointError(f"{bad[0]}: the base checkpoint is damaged; convert it again")
@@ -200,9 +202,10 @@ class Trainer:
         shape.check_seq_len(t.seq_len)
         shape.check_parallel(g.tp_size, g.pp_size)
         # cheap checks first: the run folder (lock, resume plan) and the data, then the model
-        self.plan, self.lock = folder if folder is not None else prepare(cfg, dist.get_world_size())
-        self.data = data if data is not None else load_data(cfg, self.base)
-        verifying = BaseVerification(self.base, self.rank, dist.get_world_size())  # beside the model build and init
+        self.plan, self.lock = folder if folder is not None else prepare(cfg, dist.get_world_size(), g.host)
+        self.data = data if data is not None else load_data(cfg, self.base, g.host)
+        # beside the model build and init
+        verifying = BaseVerification(self.base, self.rank, dist.get_world_size(), g.host)
         start = time.perf_counter()
         mcfg = transformer_config(shape, tp=g.tp_size, pp=g.pp_size, sp=cfg.parallel.sp, dtype=self.dtype,
                                   device=device, recompute=t.recompute, perform_initialization=False)
@@ -273,7 +276,7 @@ class Trainer:
             else:
                 state = load_state(latest, self.rank)
                 self.optimizer.load_state_dict(state["optimizer"])
-                set_rng_state(state["rng"])
+                set_rng_state(state["rng"], self.device)
             self.step, self.position = state["step"], state["position"]
             self.loss_scale.load_state_dict(state.get("loss_scale", self.loss_scale.state_dict()))
             changed = self.plan.get("changed") or []
@@ -327,7 +330,7 @@ class Trainer:
         moments, adam_step = gather_moments(self.targets, self.optimizer, g.tp)
         layout_free = {"step": self.step, "position": self.position, "adam_step": adam_step,
                        "loss_scale": self.loss_scale.state_dict()}
-        per_rank = state_writer(self.rank, self.optimizer, self.step, self.position,
+        per_rank = state_writer(self.rank, self.optimizer, self.step, self.position, self.device,
                                 extra={"loss_scale": self.loss_scale.state_dict()})
 
         def writer(folder: str) -> list[str]:
@@ -468,13 +471,14 @@ class Trainer:
 def setup(cfg: RunConfig) -> tuple[torch.device, ParallelGroups]:
     """This process's device and the run's process groups, from the config."""
     device = resolve_device(cfg.model.device)
-    return device, init_distributed(device, cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
+    return device, init_distributed(device, cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed,
+                                    cfg.parallel.timeout_minutes)
 
 
 def run(cfg: RunConfig) -> dict:
     stop = StopSignals()  # first: a stop request during the (long) init still saves
     device, groups = setup(cfg)
-    folder = prepare(cfg, dist.get_world_size())  # the run folder's lock and plan, before any expensive work
+    folder = prepare(cfg, dist.get_world_size(), groups.host)  # the run folder's lock and plan, before any expensive work
     try:
         return Trainer(cfg, groups, device, stop=stop, folder=folder).run()
     finally:

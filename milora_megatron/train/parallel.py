@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -27,12 +28,13 @@ class ParallelGroups:
     dp_size: int
     dp_rank: int
     pp_last_rank: int  # global rank of this pipeline's last stage
+    host: object = None  # every rank over gloo: waits while one rank works on the CPU (never on NCCL)
 
     @classmethod
-    def from_megatron(cls) -> "ParallelGroups":
+    def from_megatron(cls, host=None) -> "ParallelGroups":
         from megatron.core import parallel_state as ps
 
-        return cls(
+        return cls(host=host,
             tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),
             dp=ps.get_data_parallel_group(), mp=ps.get_model_parallel_group(),
             tp_size=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
@@ -42,26 +44,31 @@ class ParallelGroups:
         )
 
 
-def init_distributed(device: torch.device, tp: int, pp: int, seed: int) -> ParallelGroups:
-    """torch.distributed (NCCL on a GPU, gloo on the CPU) and megatron's groups; then the
-    seeds megatron's model construction expects (the same on every rank)."""
+def init_distributed(device: torch.device, tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> ParallelGroups:
+    """torch.distributed (NCCL on a GPU, gloo on the CPU) and megatron's groups, every one
+    with ``timeout_minutes``; a gloo group over all ranks for host-side waits (tokenising,
+    checksums, the run folder's plan: an NCCL barrier would spin a GPU and abort at its
+    timeout); then the seeds megatron's model construction expects (the same everywhere)."""
     from megatron.core import parallel_state as ps
 
+    timeout = timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a single process without torchrun
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend_for(device))
+        dist.init_process_group(backend_for(device), timeout=timeout)
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ConfigError(f"world size {world} is not a multiple of parallel.tp x parallel.pp = {tp * pp}")
     compat.apply(device)
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     distributed_timeout_minutes=timeout_minutes)
     compat.model_parallel_manual_seed(seed)
-    return ParallelGroups.from_megatron()
+    host = None if backend_for(device) == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    return ParallelGroups.from_megatron(host=host)
 
 
 def seed_per_replica(seed: int, groups: ParallelGroups) -> None:

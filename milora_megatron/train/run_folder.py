@@ -217,9 +217,10 @@ def _layout(layout: tuple[int, int, int]) -> str:
     return f"TP={tp} x PP={pp} x DP={world // max(tp * pp, 1)} ({world} processes)"
 
 
-def prepare(cfg, world_size: int) -> tuple[dict, RunLock | None]:
-    """Collective: rank 0 locks the run folder and plans (``plan``); every rank receives the
-    plan, or raises the same RunFolderError. Rank 0 also gets the lock to hold."""
+def prepare(cfg, world_size: int, host_group=None) -> tuple[dict, RunLock | None]:
+    """Collective over ``host_group`` (gloo; None: the default group): rank 0 locks the run
+    folder and plans (``plan``); every rank receives the plan, or raises the same error.
+    Rank 0 also gets the lock to hold."""
     import torch.distributed as dist
 
     out = os.path.abspath(cfg.output.dir)
@@ -240,7 +241,7 @@ def prepare(cfg, world_size: int) -> tuple[dict, RunLock | None]:
             failure = as_user_error(exc, out)
             decision, lock = {"error": str(failure), "user": isinstance(failure, UserError)}, None
     box = [decision]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=host_group)
     if "error" in box[0]:
         if failure is not None and not box[0]["user"]:
             raise failure  # a bug: rank 0 keeps its traceback

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..checkpoint.adapters import CHECKPOINTS, LATEST, AdapterCheckpoint
+from ..device import on_gpu
 from ..errors import CheckpointError
 
 
@@ -20,28 +21,30 @@ def rank_file(rank: int) -> str:
     return f"train_state_rank{rank:05d}.pt"
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """Every RNG stream of this rank; the CUDA one only when the run is on a GPU (asking
+    ``torch.cuda`` on a CPU run would open a CUDA context on GPU 0 in every rank)."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
              "tracker": get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if on_gpu(device):
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     get_cuda_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if "cuda" in state and on_gpu(device):
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def state_writer(rank: int, optimizer, step: int, position: int, extra: dict | None = None):
+def state_writer(rank: int, optimizer, step: int, position: int, device: torch.device, extra: dict | None = None):
     """An ``extra_writer`` for ``save_adapter_checkpoint``: this rank's training state."""
 
     def write(folder: str) -> list[str]:
@@ -49,7 +52,7 @@ def state_writer(rank: int, optimizer, step: int, position: int, extra: dict | N
         # torch's own error), not as a bare "unexpected pos"
         with open(os.path.join(folder, rank_file(rank)), "wb") as f:
             torch.save({"optimizer": optimizer.state_dict(), "step": step, "position": position,
-                        "rng": rng_state(), **(extra or {})}, f)
+                        "rng": rng_state(device), **(extra or {})}, f)
         return [rank_file(rank)]
 
     return write

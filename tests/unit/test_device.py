@@ -31,3 +31,19 @@ def test_device_and_dtype_choice(monkeypatch):
     assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16
     with pytest.raises(ValueError, match="model.dtype"):
         resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_a_cpu_run_never_touches_cuda_for_its_rng_state(monkeypatch):
+    """train/state.py asks the run's device, not torch.cuda.is_available(): on a GPU node a
+    model.device=cpu run would otherwise open a CUDA context on GPU 0 in every rank."""
+    from milora_megatron.device import on_gpu
+    from milora_megatron.train.state import rng_state
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node
+
+    def touched(*a, **k):
+        raise AssertionError("torch.cuda used by a CPU run")
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", touched)
+    assert "cuda" not in rng_state(torch.device("cpu"))
+    assert on_gpu(torch.device("cuda", 0)) and not on_gpu(torch.device("cpu"))
