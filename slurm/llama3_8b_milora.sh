@@ -15,9 +15,15 @@
 #   3. tools/convert/megatron_to_hf.py  -> OUTPUT_DIR/hf_merged and OUTPUT_DIR/peft_adapter
 #
 # Environment (defaults): HF_MODEL (required), DATA (required), OUTPUT_DIR (./runs/llama3_8b_milora),
-# TP (8), PP (1), CONFIG (configs/llama3_8b_milora.yaml), GPUS_PER_NODE (the GPUs Slurm allocated
-# on the node, SLURM_GPUS_ON_NODE; 0 = CPU + gloo with TP x PP processes per node),
-# EXTRA_ARGS (extra key=value overrides for the trainer).
+# TP (1), PP (1), SP (the config's; true makes sense with TP > 1), CONFIG
+# (configs/llama3_8b_milora.yaml), GPUS_PER_NODE (the GPUs Slurm allocated on the node,
+# SLURM_GPUS_ON_NODE; 0 = CPU + gloo with TP x PP processes per node), EXTRA_ARGS (extra
+# key=value overrides for the trainer).
+#
+# Layout: every GPU of every node is a data-parallel rank by default (TP=1 x DP=GPUs). A frozen
+# 8B base with r-wide adapters fits one GPU (about 45 GB at micro-batch 2, seq 2048), and TP
+# would make every GEMM TP times thinner and add per-layer all-gathers / reduce-scatters and
+# many small adapter collectives. Use TP (TP=2 SP=true, ...) only for a model that does not fit.
 #
 # Time limit / preemption: Slurm sends USR1 to the job step's processes 120 s before the end
 # (--signal=USR1@120). The trainer workers save a checkpoint and exit 0 (launch/torchrun_usr1.py
@@ -43,7 +49,7 @@ PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 HF_MODEL="${HF_MODEL:?set HF_MODEL to a local Hugging Face Llama folder}"
 DATA="${DATA:?set DATA to the training file (jsonl/json/parquet or a save_to_disk folder)}"
 OUTPUT_DIR="${OUTPUT_DIR:-$REPO/runs/llama3_8b_milora}"
-TP="${TP:-8}"
+TP="${TP:-1}"
 PP="${PP:-1}"
 CONFIG="${CONFIG:-$REPO/configs/llama3_8b_milora.yaml}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}"  # one process per allocated GPU
@@ -86,7 +92,7 @@ srun --kill-on-bad-exit=1 "$PYTHON" "$REPO/launch/torchrun_usr1.py" \
   --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$PORT" --rdzv_id "${SLURM_JOB_ID:-local}" \
   "$REPO/launch/pretrain_milora.py" --config "$CONFIG" \
   model.load="$CKPT" model.device="$DEVICE" data.train="$DATA" output.dir="$RUN" parallel.tp="$TP" parallel.pp="$PP" \
-  $EXTRA_ARGS &
+  ${SP:+parallel.sp="$SP"} $EXTRA_ARGS &
 TRAIN_PID=$!
 set +e
 wait $TRAIN_PID; rc=$?
