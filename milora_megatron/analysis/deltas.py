@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from ..convert.hf_folder import HFFolder
+from ..convert.hf_folder import HFFolder, checked_header
+from ..errors import CheckpointError, ConfigError, MissingPathError
 from ..mapping import HF_TARGETS, PROJECTIONS
 from .provenance import check_base, export_info
 from .spectrum import SVD, analyze_pair, init_side, lowrank_svd64, matched_init, svd64
@@ -55,25 +56,38 @@ class PeftAdapter:
         self.path = os.path.abspath(path)
         cfg_path = os.path.join(self.path, "adapter_config.json")
         self.file = os.path.join(self.path, "adapter_model.safetensors")
+        if os.path.isfile(self.path):
+            raise CheckpointError(f"{self.path} is a file, not a PEFT adapter folder (give the folder that holds "
+                                  "adapter_config.json)")
+        if not os.path.isdir(self.path):
+            raise MissingPathError(f"adapter folder {self.path} does not exist")
         for f in (cfg_path, self.file):
             if not os.path.isfile(f):
-                raise FileNotFoundError(f"{self.path} is not a PEFT adapter folder: {os.path.basename(f)} is missing")
+                raise MissingPathError(f"{self.path} is not a PEFT adapter folder: {os.path.basename(f)} is missing")
         with open(cfg_path) as f:
-            self.config = json.load(f)
+            try:
+                self.config = json.load(f)
+            except ValueError as exc:
+                raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})") from None
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{cfg_path} is not a JSON object")
         if self.config.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"{self.path}: peft_type {self.config['peft_type']!r}, only LORA adapters are supported")
+            raise CheckpointError(f"{self.path}: peft_type {self.config['peft_type']!r}, only LORA adapters are supported")
         if self.config.get("use_dora"):
-            raise ValueError(f"{self.path}: DoRA adapters are not supported (their update is not s B A)")
+            raise CheckpointError(f"{self.path}: DoRA adapters are not supported (their update is not s B A)")
+        for key in ("r", "lora_alpha"):
+            value = self.config.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise CheckpointError(f"{cfg_path}: {key} is {value!r}, not a positive number")
         self.export_info = export_info(self.path)
         self.keys: dict[tuple[int, str], dict[str, str]] = {}
-        with safe_open(self.file, framework="pt") as f:
-            for key in f.keys():
-                m = _KEY.match(key)
-                if m and m.group(2) in PROJECTIONS:
-                    self.keys.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = key
+        for key in checked_header(self.file):  # (a cut-short file refused here, naming it)
+            m = _KEY.match(key)
+            if m and m.group(2) in PROJECTIONS:
+                self.keys.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = key
         incomplete = [k for k, v in self.keys.items() if len(v) != 2]
         if incomplete:
-            raise ValueError(f"{self.file}: lora_A or lora_B missing for (layer, target) {incomplete[:4]}")
+            raise CheckpointError(f"{self.file}: lora_A or lora_B missing for (layer, target) {incomplete[:4]}")
 
     @property
     def method(self) -> str | None:
@@ -120,7 +134,7 @@ class MergedModel:
         name = weight_name(layer, target)
         merged = self.folder.tensor(name)
         if merged.shape != base_weight.shape:
-            raise ValueError(f"{name}: merged shape {tuple(merged.shape)} != base shape {tuple(base_weight.shape)}")
+            raise CheckpointError(f"{name}: merged shape {tuple(merged.shape)} != base shape {tuple(base_weight.shape)}")
         return merged.to(torch.float64) - base_weight.to(torch.float64)
 
 
@@ -131,9 +145,12 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int] | None:
     out = []
     for part in spec.split(","):
         lo, _, hi = part.strip().partition("-")
-        first, last = int(lo), int(hi) if hi else int(lo)
+        try:
+            first, last = int(lo), int(hi) if hi else int(lo)
+        except ValueError:
+            raise ConfigError(f"layer range {part!r} is not a layer or a range such as 8-11") from None
         if not 0 <= first <= last < num_layers:
-            raise ValueError(f"layer range {part!r} is outside 0..{num_layers - 1}")
+            raise ConfigError(f"layer range {part!r} is outside 0..{num_layers - 1}")
         out += range(first, last + 1)
     return sorted(set(out))
 
@@ -183,8 +200,8 @@ def spectrum_report(base_dir: str, adapter_dir: str | None = None, merged_dir: s
     if (adapter_dir is None) == (merged_dir is None):
         raise ValueError("give exactly one of adapter_dir and merged_dir")
     base = HFFolder(base_dir)
-    check_base(base_dir, adapter_dir or merged_dir)
-    num_layers = int(base.config["num_hidden_layers"])
+    unchecked = check_base(base_dir, adapter_dir or merged_dir)
+    num_layers = base.num_layers()
     if adapter_dir is not None:
         source = PeftAdapter(adapter_dir)
         method_source = "argument" if method else ("milora_export.json" if source.method else "unknown")
@@ -195,7 +212,7 @@ def spectrum_report(base_dir: str, adapter_dir: str | None = None, merged_dir: s
         default_layers = sorted({i for i, _ in source.keys})
     else:
         if not rank:
-            raise ValueError("a merged folder does not record the adapter's rank: give rank (--rank)")
+            raise ConfigError("a merged folder does not record the adapter's rank: give rank (--rank)")
         source = MergedModel(merged_dir)
         method_source, rank_source = ("argument" if method else "unknown"), "argument"
         default_targets, default_layers = list(HF_TARGETS), list(range(num_layers))
@@ -203,11 +220,11 @@ def spectrum_report(base_dir: str, adapter_dir: str | None = None, merged_dir: s
     targets = list(targets or default_targets)
     bad = [t for t in targets if t not in HF_TARGETS]
     if bad:
-        raise ValueError(f"unknown target(s) {bad}; known: {list(HF_TARGETS)}")
+        raise ConfigError(f"unknown target(s) {bad}; known: {list(HF_TARGETS)}")
     layers = list(layers if layers is not None else default_layers)
     bad_layers = [i for i in layers if not 0 <= i < num_layers]
     if bad_layers:
-        raise ValueError(f"layer(s) {bad_layers} outside 0..{num_layers - 1}")
+        raise ConfigError(f"layer(s) {bad_layers} outside 0..{num_layers - 1}")
 
     entries, unchanged = [], []
     for layer in tqdm(layers, desc="spectrum", unit="layer", disable=not progress, file=sys.stderr):
@@ -224,8 +241,8 @@ def spectrum_report(base_dir: str, adapter_dir: str | None = None, merged_dir: s
                 unchanged.append(f"{layer}.{target}")
                 continue
             if dw_svd.u.shape[0] != w.shape[0] or dw_svd.v.shape[0] != w.shape[1]:
-                raise ValueError(f"{weight_name(layer, target)}: update is {dw_svd.u.shape[0]} x {dw_svd.v.shape[0]}, "
-                                 f"base weight {tuple(w.shape)}: adapter and base do not match")
+                raise CheckpointError(f"{weight_name(layer, target)}: update is {dw_svd.u.shape[0]} x "
+                                      f"{dw_svd.v.shape[0]}, base weight {tuple(w.shape)}: adapter and base do not match")
             w_svd = svd64(w)
             entry = {"layer": layer, "target": target}
             entry.update(analyze_pair(w, dw_svd, rank, method, w_svd=w_svd, seed=layer * 100 + HF_TARGETS.index(target)))
@@ -239,6 +256,8 @@ def spectrum_report(base_dir: str, adapter_dir: str | None = None, merged_dir: s
         "base": os.path.abspath(base_dir),
         "adapter": os.path.abspath(adapter_dir) if adapter_dir else None,
         "merged": os.path.abspath(merged_dir) if merged_dir else None,
+        # whether --base was checked against the base the export records (None: it records none)
+        "base_check": {"verified": unchecked is None, "note": unchecked},
         "method": method, "method_source": method_source,
         "init_subspace": init_side(method),
         "rank": rank, "rank_source": rank_source,

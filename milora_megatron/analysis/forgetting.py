@@ -18,6 +18,7 @@ cross-entropy (EOS included, as trained) and greedy-generation exact match.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -29,6 +30,7 @@ from typing import Callable
 import torch
 
 from ..data import TEMPLATES, load_records, text_samples, tokenize_examples
+from ..errors import CheckpointError, ConfigError, MissingPathError, UserError, is_disk_full
 from .provenance import check_base
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,29 +62,130 @@ class ModelPair:
 
 def default_device_dtype(device: str | None = None, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
     """CUDA when present, else CPU; float32 on CPU, bfloat16 on CUDA unless ``dtype`` says."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:  # "Expected one of cpu, cuda, ... device type at start of device string"
+        raise ConfigError(f"--device {device!r} is not a torch device ({str(exc).splitlines()[0]})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available here (use --device cpu)")
     if dtype is None:
         return dev, torch.float32 if dev.type == "cpu" else torch.bfloat16
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose from {sorted(DTYPES)}")
+        raise ConfigError(f"dtype {dtype!r}: choose from {sorted(DTYPES)}")
     return dev, DTYPES[dtype]
 
 
 def _check_model_folder(path: str) -> None:
     """A local HF model folder with a config and weights (transformers would otherwise take a
     folder without weights for a hub id and answer "Repo id must be in the form ...")."""
+    if os.path.isfile(path):
+        raise CheckpointError(f"{path} is a file, not an HF model folder (give the folder that holds config.json)")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder {path} does not exist")
+        raise MissingPathError(f"model folder {path} does not exist")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path} has no config.json (not an HF model folder)")
+        raise MissingPathError(f"{path} has no config.json (not an HF model folder)")
     if not any(n.endswith((".safetensors", ".bin")) for n in os.listdir(path)):
-        raise FileNotFoundError(f"{path} holds no weights (*.safetensors)")
+        raise MissingPathError(f"{path} holds no weights (*.safetensors)")
+
+
+@contextmanager
+def _loading(folder: str, what: str):
+    """transformers' refusal of a folder (an unknown model type, a broken tokenizer file) as
+    one line naming it; a full disk and our own errors pass through."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, UserError) or is_disk_full(exc):
+            raise
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise CheckpointError(f"{folder}: transformers cannot load its {what}: "
+                              f"{lines[0] if lines else type(exc).__name__}") from exc
+
+
+# ---- tokenizers: both models must read the same tokens -----------------------------------
+# the files a saved tokenizer consists of (any one of them: the folder carries a tokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "tokenizer.tiktoken")
+
+
+def has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    with _loading(folder, "tokenizer"):
+        return AutoTokenizer.from_pretrained(folder)
+
+
+def _backend(tok) -> dict:
+    """The fast tokenizer's own definition (model with its merges, normalizer, pre-tokenizer)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    return json.loads(backend.to_str()) if backend is not None else {}
+
+
+def _merges(definition: dict) -> list[str] | None:
+    merges = (definition.get("model") or {}).get("merges")
+    if merges is None:
+        return None
+    return [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+def _first_difference(a: list, b: list) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def tokenizer_difference(a, b) -> str | None:
+    """What makes tokenizer ``b`` read text differently from ``a``, in a few words; None when
+    they are the same tokenizer (however many times saved): the vocabulary (every id's token,
+    added tokens included), the special tokens, the BPE merges and how text is normalised and
+    split before them."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        ia, ib = {i: t for t, i in va.items()}, {i: t for t, i in vb.items()}
+        ids = sorted(set(ia) | set(ib))
+        i = next(i for i in ids if ia.get(i) != ib.get(i))
+        shown = [repr(t) if t is not None else "absent" for t in (ia.get(i), ib.get(i))]
+        return f"vocabulary: {len(va)} vs {len(vb)} tokens, id {i} is {shown[0]} vs {shown[1]}"
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        ta, tb = getattr(a, name, None), getattr(b, name, None)
+        if str(ta) != str(tb):
+            return f"special tokens: {name} {ta!r} vs {tb!r}"
+    sa, sb = sorted(map(str, a.all_special_tokens)), sorted(map(str, b.all_special_tokens))
+    if sa != sb:
+        return f"special tokens: {sa[:8]} vs {sb[:8]}"
+    da, db = _backend(a), _backend(b)
+    ma, mb = _merges(da), _merges(db)
+    if ma != mb:
+        if ma is None or mb is None:
+            return f"merges: {'none' if ma is None else len(ma)} vs {'none' if mb is None else len(mb)}"
+        i = _first_difference(ma, mb)
+        return (f"merges: {len(ma)} vs {len(mb)}, first difference at merge {i}: "
+                f"{ma[i] if i < len(ma) else None!r} vs {mb[i] if i < len(mb) else None!r}")
+    for part in ("normalizer", "pre_tokenizer"):
+        if da.get(part) != db.get(part):
+            return f"{part.replace('_', '-')}: {json.dumps(da.get(part))[:80]} vs {json.dumps(db.get(part))[:80]}"
+    return None
+
+
+def check_same_tokenizer(tokenizer, tokenizer_dir: str, other_dir: str, role: str) -> None:
+    """Refuse ``other_dir`` (a merged model or an adapter, given as ``role``) when it carries a
+    tokenizer that is not ``tokenizer`` (loaded from ``tokenizer_dir``): the models would
+    be compared on tokens that mean different things to each, and the KL would mean nothing."""
+    if not has_tokenizer(other_dir):
+        return  # it reads the base's tokens: nothing to compare
+    difference = tokenizer_difference(tokenizer, load_tokenizer(other_dir))
+    if difference:
+        raise CheckpointError(f"the tokenizers of --base {tokenizer_dir} and {role} {other_dir} differ ({difference}): "
+                              "the two models would be compared on tokens that mean different things")
 
 
 def load_pair(base_dir: str, finetuned_dir: str | None = None, adapter_dir: str | None = None,
               device: str | None = None, dtype: str | None = None, tokenizer_dir: str | None = None) -> ModelPair:
-    """Base + (merged fine-tuned folder | PEFT adapter folder | nothing: the base against itself)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Base + (merged fine-tuned folder | PEFT adapter folder | nothing: the base against itself).
+    A merged folder or adapter that carries a tokenizer other than the base's is refused."""
+    from transformers import AutoModelForCausalLM
 
     if finetuned_dir and adapter_dir:
         raise ValueError("give at most one of finetuned_dir (merged model) and adapter_dir (PEFT adapter)")
@@ -90,21 +193,28 @@ def load_pair(base_dir: str, finetuned_dir: str | None = None, adapter_dir: str 
     for folder in (base_dir, finetuned_dir):
         if folder:
             _check_model_folder(folder)  # before the tokenizer, whose errors would not say this
+    if adapter_dir and not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        raise MissingPathError(f"{adapter_dir} has no adapter_config.json (not a PEFT adapter folder)")
 
     def load(path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(dev).eval()
+        with _loading(path, "model"):
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(dev).eval()
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or base_dir)
+    tokenizer = load_tokenizer(tokenizer_dir or base_dir)
+    if finetuned_dir or adapter_dir:  # before the models: cheap, and a refusal wastes no load
+        check_same_tokenizer(tokenizer, tokenizer_dir or base_dir, finetuned_dir or adapter_dir,
+                             "--merged" if finetuned_dir else "--adapter")
     base = load(base_dir)
     if adapter_dir:
         from peft import PeftModel
 
-        if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
-            raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json (not a PEFT adapter folder)")
         try:
             adapted = PeftModel.from_pretrained(base, adapter_dir).eval()
-        except RuntimeError as exc:  # e.g. size mismatches: an adapter of another model
-            raise ValueError(f"{adapter_dir} does not fit the base {base_dir}: {str(exc).strip().splitlines()[-1]}") from None
+        except (RuntimeError, ValueError) as exc:  # size mismatches, missing target modules: another model's
+            if isinstance(exc, UserError):
+                raise
+            raise CheckpointError(f"{adapter_dir} does not fit the base {base_dir}: "
+                                  f"{str(exc).strip().splitlines()[-1]}") from None
         return ModelPair(tokenizer, adapted, None, dev)
     if finetuned_dir:
         return ModelPair(tokenizer, load(finetuned_dir), base, dev)
@@ -267,14 +377,18 @@ def evaluate(base_dir: str, finetuned_dir: str | None = None, adapter_dir: str |
     base against itself). ``task_on_base`` also scores the base on the task. A loaded
     ``pair`` (from ``load_pair``) may be passed to reuse models across calls."""
     if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
+        raise ConfigError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
+    base_check = None  # whether --base is the model the export records (not asked with a loaded pair)
     if pair is None and (finetuned_dir or adapter_dir):
-        check_base(base_dir, finetuned_dir or adapter_dir)
+        note = check_base(base_dir, finetuned_dir or adapter_dir)
+        base_check = {"verified": note is None, "note": note}
     if isinstance(answer_extractor, str) and answer_extractor not in EXTRACTORS:
-        raise ValueError(f"unknown answer_extractor {answer_extractor!r}; known: {sorted(EXTRACTORS)}")
+        raise ConfigError(f"unknown answer_extractor {answer_extractor!r}; known: {sorted(EXTRACTORS)}")
     pair = pair or load_pair(base_dir, finetuned_dir, adapter_dir, device, dtype)
     result = {"base": base_dir, "finetuned": finetuned_dir, "adapter": adapter_dir, "device": str(pair.device),
               "dtype": str(next(pair.finetuned.parameters()).dtype).replace("torch.", "")}
+    if base_check:
+        result["base_check"] = base_check
     if general_text:
         result["general"] = {"file": general_text,
                              **general_text_metrics(pair, general_text, seq_len, batch_size, max_windows, progress)}

@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .outputs import output_error  # noqa: E402
+
 SIMILARITIES = (("left_bottom", "left sing. vectors vs W bottom-r"), ("left_top", "left sing. vectors vs W top-r"),
                 ("right_bottom", "right sing. vectors vs W bottom-r"), ("right_top", "right sing. vectors vs W top-r"))
 
@@ -117,9 +119,13 @@ def w_spectra(report: dict, path: str) -> str:
 
 def plot_report(report: dict, plot_dir: str) -> list[str]:
     """All three figures into ``plot_dir``; returns their paths."""
-    os.makedirs(plot_dir, exist_ok=True)
-    if not report["entries"]:
-        return []
-    return [similarity_heatmaps(report, os.path.join(plot_dir, "similarity_heatmaps.png")),
-            amplification_curves(report, os.path.join(plot_dir, "amplification.png")),
-            w_spectra(report, os.path.join(plot_dir, "w_spectrum.png"))]
+    try:
+        os.makedirs(plot_dir, exist_ok=True)
+        if not report["entries"]:
+            return []
+        return [similarity_heatmaps(report, os.path.join(plot_dir, "similarity_heatmaps.png")),
+                amplification_curves(report, os.path.join(plot_dir, "amplification.png")),
+                w_spectra(report, os.path.join(plot_dir, "w_spectrum.png"))]
+    except OSError as exc:  # a full disk, a --plot-dir that is a file or not writable
+        plt.close("all")
+        raise output_error(exc, plot_dir) from exc

@@ -9,6 +9,9 @@ import os
 
 import matplotlib
 
+from ..errors import DataError, MissingPathError
+from .outputs import output_error
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -20,15 +23,22 @@ def read_run(run_dir: str) -> dict:
     """{key: ([steps], [values])} for every panel key, the last record of each step (a
     resumed run repeats the steps after its checkpoint), and the run's label."""
     path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isdir(run_dir):
+        raise MissingPathError(f"run folder {run_dir} does not exist")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl (is it a run folder?)")
+        raise MissingPathError(f"{run_dir} has no metrics.jsonl (is it a run folder?)")
     per_key: dict[str, dict[int, float]] = {key: {} for key, _ in PANELS}
     with open(path) as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            r = json.loads(line)
-            if "step" not in r:
+            try:
+                r = json.loads(line)
+            except ValueError as exc:
+                if line.endswith("\n"):
+                    raise DataError(f"{path} line {number} is not JSON ({exc})") from None
+                continue  # the last line of a run still writing (or killed mid-write)
+            if not isinstance(r, dict) or not isinstance(r.get("step"), (int, float)):
                 continue
             for key in per_key:
                 if isinstance(r.get(key), (int, float)):
@@ -36,8 +46,16 @@ def read_run(run_dir: str) -> dict:
     label = os.path.basename(os.path.normpath(run_dir))
     config = os.path.join(run_dir, "config.json")
     if os.path.isfile(config):
-        peft = json.load(open(config)).get("peft", {})
-        label = f"{label} ({peft.get('method', '?')} r={peft.get('rank', '?')}, lr={json.load(open(config))['train']['lr']:g})"
+        try:
+            with open(config) as f:
+                cfg = json.load(f)
+        except ValueError as exc:
+            raise DataError(f"{config} is not valid JSON ({exc})") from None
+        cfg = cfg if isinstance(cfg, dict) else {}
+        peft, train = cfg.get("peft") or {}, cfg.get("train") or {}
+        lr = train.get("lr")
+        lr = f"{lr:g}" if isinstance(lr, (int, float)) else "?"
+        label = f"{label} ({peft.get('method', '?')} r={peft.get('rank', '?')}, lr={lr})"
     return {"label": label, **{k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in per_key.items()}}
 
 
@@ -61,7 +79,12 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) ->
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        fig.savefig(out, dpi=110)
+    except OSError as exc:
+        raise output_error(exc, out) from exc
+    finally:
+        plt.close(fig)
     return out
+

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
+
 # The reports' words for the two ends of W's spectrum, by a method's declared subspace.
 SIDE = {"principal": "top", "minor": "bottom"}
 
@@ -148,7 +150,7 @@ def analyze_pair(w: torch.Tensor, dw: SVD, r: int, method: str | None = None,
     update or ``lowrank_svd64`` of its factors (all its nonzero singular values either way)."""
     w = w.to(torch.float64)
     if not 1 <= r <= min(w.shape):
-        raise ValueError(f"rank {r} out of range for a {tuple(w.shape)} weight")
+        raise ConfigError(f"rank {r} out of range for a {tuple(w.shape)} weight")
     w_svd = w_svd or svd64(w)
     out = {"shape": list(w.shape), "rank": r}
     if not bool((dw.s > 0).any()):

@@ -20,7 +20,10 @@ Task (--task-file, jsonl/json/parquet in a project template, e.g. held-out instr
 
 The fine-tuned model is --merged (a merged HF folder; both models are loaded) or --adapter
 (a PEFT adapter on --base; the base distribution is the same model with the adapter disabled).
-With neither, the base is evaluated against itself (forgetting_kl = 0).
+With neither, the base is evaluated against itself (forgetting_kl = 0). A --merged or
+--adapter folder that carries a tokenizer other than --base's (vocabulary, special tokens,
+merges) is refused: the two models would read the same ids as different tokens. One that
+records no base checkpoint cannot be checked against --base: a note says so.
 
 Example:
   tools/analyze/forgetting.py --base hf_llama --adapter peft_adapter --general-text wiki.txt \\
@@ -28,10 +31,7 @@ Example:
 """
 
 import argparse
-import json
-import os
 import sys
-
 
 
 def format_table(result: dict) -> str:
@@ -91,6 +91,8 @@ def main(argv=None) -> int:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
 
     from milora_megatron.analysis.forgetting import evaluate
+    from milora_megatron.analysis.outputs import write_json
+    from milora_megatron.errors import UserError, as_user_error
 
     try:
         result = evaluate(args.base, finetuned_dir=args.merged, adapter_dir=args.adapter,
@@ -99,15 +101,19 @@ def main(argv=None) -> int:
                           max_windows=args.max_windows, max_examples=args.max_examples,
                           answer_extractor=args.answer_extractor, task_on_base=args.task_on_base,
                           device=args.device, dtype=args.dtype, progress=not args.quiet)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        print(f"forgetting: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_table(result))
-    if args.out_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
-        with open(args.out_json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"results written: {args.out_json}")
+        note = (result.get("base_check") or {}).get("note")
+        if note:
+            print(f"forgetting: note: {note}", file=sys.stderr)
+        print(format_table(result))
+        if args.out_json:
+            write_json(args.out_json, result)
+            print(f"results written: {args.out_json}")
+    except Exception as exc:  # the user's errors (a full disk among them) are one line; a bug keeps its traceback
+        error = as_user_error(exc)
+        if not isinstance(error, UserError):
+            raise
+        print(f"forgetting: error: {' '.join(str(error).splitlines())}", file=sys.stderr)
+        return error.exit_code
     return 0
 
 

@@ -18,15 +18,16 @@ read one tensor at a time (sharded safetensors fine), so memory stays near one w
 Outputs: a table on stdout, --out-json, and PNGs in --plot-dir (similarity_heatmaps.png,
 amplification.png, w_spectrum.png).
 
+--base is checked against the base our exports record (milora_export.json's base_shards);
+an adapter or merged folder that records none (a PEFT adapter trained elsewhere) cannot be
+checked: a one-line note says so on stderr and in the JSON ("base_check").
+
 Example:
   tools/analyze/spectrum.py --base hf_llama --adapter peft_adapter --out-json spectrum.json --plot-dir plots
 """
 
 import argparse
-import json
-import os
 import sys
-
 
 from milora_megatron.adapters.variants import available  # (no megatron)
 from milora_megatron.mapping import HF_TARGETS as TARGETS  # (torch only)
@@ -91,33 +92,37 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from milora_megatron.analysis.deltas import parse_layers, spectrum_report
+    from milora_megatron.analysis.outputs import write_json
     from milora_megatron.convert.hf_folder import HFFolder
+    from milora_megatron.errors import UserError, as_user_error
 
     if args.rank is not None and args.rank < 1:
         p.error("--rank must be >= 1")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
     try:
-        num_layers = int(HFFolder(args.base).config["num_hidden_layers"])
-        layers = parse_layers(args.layers, num_layers) if args.layers else None
+        layers = parse_layers(args.layers, HFFolder(args.base).num_layers()) if args.layers else None
         report = spectrum_report(args.base, adapter_dir=args.adapter, merged_dir=args.merged, rank=args.rank,
                                  method=args.method, targets=targets, layers=layers, progress=not args.quiet)
-    except (ValueError, OSError, KeyError) as exc:
-        print(f"spectrum: error: {exc}", file=sys.stderr)
-        return 2
-    if not args.quiet:
-        print(format_table(report))
-    if not report["entries"]:
-        print("spectrum: warning: no adapted weight with a nonzero update was found", file=sys.stderr)
-    if args.out_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
-        with open(args.out_json, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"report written: {args.out_json}")
-    if args.plot_dir:
-        from milora_megatron.analysis.plots import plot_report
+        if report["base_check"]["note"]:
+            print(f"spectrum: note: {report['base_check']['note']}", file=sys.stderr)
+        if not args.quiet:
+            print(format_table(report))
+        if not report["entries"]:
+            print("spectrum: warning: no adapted weight with a nonzero update was found", file=sys.stderr)
+        if args.out_json:
+            write_json(args.out_json, report)
+            print(f"report written: {args.out_json}")
+        if args.plot_dir:
+            from milora_megatron.analysis.plots import plot_report
 
-        for path in plot_report(report, args.plot_dir):
-            print(f"plot written: {path}")
+            for path in plot_report(report, args.plot_dir):
+                print(f"plot written: {path}")
+    except Exception as exc:  # the user's errors (a full disk among them) are one line; a bug keeps its traceback
+        error = as_user_error(exc)
+        if not isinstance(error, UserError):
+            raise
+        print(f"spectrum: error: {' '.join(str(error).splitlines())}", file=sys.stderr)
+        return error.exit_code
     return 0
 
 

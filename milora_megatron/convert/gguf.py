@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 
-from ..checkpoint.atomic import atomic_directory, check_writable
+from ..checkpoint.atomic import atomic_directory
+from ..errors import ConfigError, MissingPathError
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -27,13 +28,13 @@ def gguf_to_hf(gguf_path: str, out: str, dtype: str = "bfloat16", overwrite: boo
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    from ..checkpoint.atomic import check_output
+
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if not os.path.isfile(gguf_path):
-        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{os.path.abspath(out)} already exists (pass overwrite to replace it)")
-    check_writable(out)
+        raise MissingPathError(f"GGUF file {gguf_path} does not exist")
+    check_output(os.path.abspath(out), overwrite, flag="overwrite")
     folder, name = os.path.split(os.path.abspath(gguf_path))
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype),
                                                  quantization_config=GgufConfig(dequantize=True))

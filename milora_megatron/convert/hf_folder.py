@@ -13,7 +13,8 @@ import os
 import torch
 from safetensors import safe_open
 
-from ..checkpoint.atomic import read_json, safetensors_header
+from ..checkpoint.atomic import safetensors_header
+from ..errors import CheckpointError, MissingPathError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 INDEX_NAME = "model.safetensors.index.json"
@@ -25,42 +26,79 @@ def _json_of(f, path: str):
     try:
         return json.load(f)
     except ValueError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return _json_of(f, path)
+
+
+def checked_header(path: str) -> dict:
+    """A safetensors file's header; a cut-short or corrupt one is a damaged checkpoint."""
+    try:
+        return safetensors_header(path)
+    except ValueError as exc:  # (all its own refusals name the file)
+        raise CheckpointError(str(exc)) from None
+    except (KeyError, TypeError, AttributeError):  # valid JSON, but not a header's shape
+        raise CheckpointError(f"corrupt safetensors header in {path}") from None
+
+
+def check_model_folder(path: str, what: str = "HF model folder") -> str:
+    """``path`` as an absolute folder that holds a config.json, or a one-line refusal saying
+    what it is instead (missing, a file, a folder without a config)."""
+    full = os.path.abspath(path)
+    if os.path.isfile(full):
+        hint = (" (a GGUF file becomes an HF folder through milora_megatron.convert.gguf.gguf_to_hf)"
+                if full.endswith(".gguf") else "")
+        raise CheckpointError(f"{full} is a file, not an {what} (give the folder that holds config.json){hint}")
+    if not os.path.isdir(full):
+        raise MissingPathError(f"{what} {full} does not exist")
+    if not os.path.isfile(os.path.join(full, "config.json")):
+        raise MissingPathError(f"{full} has no config.json")
+    return full
 
 
 class HFFolder:
     def __init__(self, path: str):
-        self.path = os.path.abspath(path)
-        if not os.path.isdir(self.path):
-            raise FileNotFoundError(f"HF model folder {self.path} does not exist")
-        config_path = os.path.join(self.path, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{self.path} has no config.json")
-        self.config = read_json(config_path)
+        self.path = check_model_folder(path)
+        self.config = _read_json(os.path.join(self.path, "config.json"))
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{os.path.join(self.path, 'config.json')} is not a JSON object")
         self.weight_map = self._weight_map()
         self.headers = {}
         for shard in sorted(set(self.weight_map.values())):
             full = os.path.join(self.path, shard)
             if not os.path.isfile(full):
-                raise FileNotFoundError(f"missing shard {shard} (listed in {INDEX_NAME}) in {self.path}")
-            self.headers[shard] = safetensors_header(full)
+                raise MissingPathError(f"missing shard {shard} (listed in {INDEX_NAME}) in {self.path}")
+            self.headers[shard] = checked_header(full)
         for name, shard in self.weight_map.items():
             if name not in self.headers[shard]:
-                raise ValueError(f"{shard} does not contain {name}, which {INDEX_NAME} places there")
+                raise CheckpointError(f"{shard} does not contain {name}, which {INDEX_NAME} places there")
 
     def _weight_map(self) -> dict[str, str]:
         index = os.path.join(self.path, INDEX_NAME)
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = _json_of(f, os.path.join(self.path, INDEX_NAME))["weight_map"]
+            weight_map = _read_json(index)
+            if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+                raise CheckpointError(f"{index} has no \"weight_map\" (not a safetensors index)")
+            weight_map = weight_map["weight_map"]
         elif os.path.isfile(os.path.join(self.path, "model.safetensors")):
-            header = safetensors_header(os.path.join(self.path, "model.safetensors"))
+            header = checked_header(os.path.join(self.path, "model.safetensors"))
             weight_map = {k: "model.safetensors" for k in header if k != "__metadata__"}
         else:
             others = [f for f in os.listdir(self.path) if f.endswith((".bin", ".pt", ".pth"))]
             hint = f" (found {others}: convert them to safetensors first)" if others else ""
-            raise FileNotFoundError(f"no model.safetensors or {INDEX_NAME} in {self.path}{hint}")
+            raise MissingPathError(f"no model.safetensors or {INDEX_NAME} in {self.path}{hint}")
         return {k: v for k, v in weight_map.items() if not k.endswith(IGNORED_SUFFIXES)}
+
+    def num_layers(self) -> int:
+        """``num_hidden_layers`` of the config (a config without it is not a decoder's)."""
+        layers = self.config.get("num_hidden_layers")
+        if not isinstance(layers, int) or layers < 1:
+            raise CheckpointError(f"{os.path.join(self.path, 'config.json')}: num_hidden_layers is {layers!r}, "
+                                  "not a positive number of layers")
+        return layers
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -74,7 +112,7 @@ class HFFolder:
 
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
-            raise KeyError(f"{self.path} has no tensor {name}")
+            raise CheckpointError(f"{self.path} has no tensor {name}")
         with safe_open(os.path.join(self.path, self.weight_map[name]), framework="pt") as f:
             return f.get_tensor(name)
 

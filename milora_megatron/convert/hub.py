@@ -7,10 +7,17 @@ from __future__ import annotations
 import os
 import re
 
+from ..errors import ConfigError, MissingPathError
+
 # what a conversion reads: safetensors weights (+ index), config and generation config, tokenizer files
 FETCHED = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt",
            "*.jinja"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _one_line(exc: BaseException) -> str:
+    """huggingface_hub's messages run over several lines; a refusal is one."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def looks_like_hub_id(spec: str) -> bool:
@@ -22,7 +29,7 @@ def resolve(spec: str, revision: str | None = None) -> tuple[str, dict | None]:
     the Hub cache, with the commit it resolved to."""
     if os.path.isdir(spec) or not looks_like_hub_id(spec):
         if revision is not None:
-            raise ValueError(f"--revision applies to a Hub id, and {spec} is a local path")
+            raise ConfigError(f"--revision applies to a Hub id, and {spec} is a local path")
         return spec, None
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
@@ -30,11 +37,12 @@ def resolve(spec: str, revision: str | None = None) -> tuple[str, dict | None]:
     try:
         folder = snapshot_download(spec, revision=revision, allow_patterns=FETCHED)
     except LocalEntryNotFoundError as exc:
-        raise FileNotFoundError(f"{spec} (revision {revision or 'main'}) is neither a local folder nor in the Hugging "
-                                f"Face cache, and the Hub cannot be reached ({exc})") from None
+        raise MissingPathError(f"{spec} (revision {revision or 'main'}) is neither a local folder nor in the Hugging "
+                               f"Face cache, and the Hub cannot be reached ({_one_line(exc)})") from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise FileNotFoundError(f"Hub model {spec} (revision {revision or 'main'}) not found or not accessible "
-                                f"(log in with `hf auth login` for gated models): {exc}") from None
-    except HfHubHTTPError as exc:
-        raise OSError(f"Hub model {spec}: {exc}") from None
+        raise MissingPathError(f"Hub model {spec} (revision {revision or 'main'}) not found or not accessible "
+                               f"(log in with `hf auth login` for gated models): {_one_line(exc)}") from None
+    except HfHubHTTPError as exc:  # the Hub answered with an error (rate limit, outage, a gated file)
+        raise MissingPathError(f"Hub model {spec} (revision {revision or 'main'}) cannot be fetched: "
+                               f"{_one_line(exc)}") from None
     return folder, {"repo_id": spec, "revision": revision or "main", "commit": os.path.basename(os.path.normpath(folder))}

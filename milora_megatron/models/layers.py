@@ -19,7 +19,11 @@ from megatron.core.transformer.module import MegatronModule
 
 
 class RMSNorm(torch.nn.Module):
-    """Llama's RMSNorm, computed as HF computes it (fp32 statistics, cast back, then scale).
+    """Llama's RMSNorm as HF defines it (fp32 statistics, cast back, then scale), in one fused
+    op: ``torch.nn.functional.rms_norm`` accumulates in fp32 for bf16/fp16 inputs and, on a
+    GPU, runs one kernel forward and one backward instead of several elementwise passes
+    with an fp32 copy of the activations. On the CPU it equals HF's form bit for bit in fp32
+    and bf16 (tests/unit/test_layers.py).
 
     It is per token, so under sequence parallelism each rank normalises its own chunk; the
     weight is marked ``sequence_parallel`` so megatron all-reduces its gradient if trained.
@@ -32,10 +36,7 @@ class RMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 class SDPAttention(MegatronModule):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import CheckpointError, ConfigError
 from ..mapping.llama import hf_layer_shapes, layer_layouts
 
 VOCAB_PAD_MULTIPLE = 128
@@ -53,9 +54,9 @@ class LlamaShape:
 
     def check_seq_len(self, seq_len: int) -> None:
         if seq_len > self.max_seq:
-            raise ValueError(f"train.seq_len {seq_len} exceeds the model's max_position_embeddings {self.max_seq}")
+            raise ConfigError(f"train.seq_len {seq_len} exceeds the model's max_position_embeddings {self.max_seq}")
         if self.sliding_window is not None and self.sliding_window < seq_len:
-            raise ValueError(f"this {self.family} model attends within a sliding window of {self.sliding_window} "
+            raise ConfigError(f"this {self.family} model attends within a sliding window of {self.sliding_window} "
                              f"tokens, shorter than train.seq_len {seq_len}; full causal attention cannot honour "
                              f"it: set train.seq_len <= {self.sliding_window}")
 
@@ -72,9 +73,9 @@ class LlamaShape:
         for n, what in ((self.heads, "attention heads"), (self.kv_heads, "KV heads (query groups)"),
                         (self.ffn, "FFN size (intermediate_size)")):
             if n % tp:
-                raise ValueError(f"TP size {tp} does not divide the {n} {what}")
+                raise ConfigError(f"TP size {tp} does not divide the {n} {what}")
         if self.layers % pp:
-            raise ValueError(f"PP size {pp} does not divide the {self.layers} layers")
+            raise ConfigError(f"PP size {pp} does not divide the {self.layers} layers")
 
 
 def padded_vocab(vocab: int, tp: int) -> int:
@@ -89,7 +90,7 @@ def _recompute_settings(recompute: str) -> dict:
     if recompute == "full":  # every layer's input kept, the layer recomputed in backward
         return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
     if recompute != "none":
-        raise ValueError(f"recompute must be one of {list(RECOMPUTE)}, got {recompute!r}")
+        raise ConfigError(f"recompute must be one of {list(RECOMPUTE)}, got {recompute!r}")
     return {}
 
 
@@ -131,7 +132,7 @@ def rope_inv_freq(shape: LlamaShape) -> torch.Tensor:
                       rope_parameters=rope)
     emb = LlamaRotaryEmbedding(cfg)
     if getattr(emb, "attention_scaling", 1.0) != 1.0:
-        raise ValueError(f"rope attention scaling {emb.attention_scaling} is not supported")
+        raise CheckpointError(f"rope attention scaling {emb.attention_scaling} is not supported")
     return emb.inv_freq.to(torch.float32)
 
 

@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from ..errors import ConfigError
+
 TINY = dict(layers=4, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=1000)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64, "rope_theta": 500000.0}
@@ -49,7 +51,7 @@ def family_config(family: str, tied: bool = False, **shape):
     if family == "mistral":
         return transformers.MistralConfig(**common, sliding_window=s.get("sliding_window", 4096),
                                           architectures=["MistralForCausalLM"])
-    raise ValueError(f"no tiny config for family {family!r}")
+    raise ConfigError(f"no tiny config for family {family!r}")
 
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")

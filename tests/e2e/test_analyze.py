@@ -224,6 +224,12 @@ def test_spectrum_cli_on_adapter_matches_direct_computation(tiny):
         report = json.load(f)
     assert (report["method"], report["method_source"], report["rank"], report["init_subspace"]) == \
         ("milora", "milora_export.json", RANK, "bottom")
+    # the hand-built adapter's milora_export.json records no base: said once, on stderr and in the JSON
+    notes = [line for line in run.stderr.splitlines() if "note:" in line]
+    assert notes == [f"spectrum: note: {report['base_check']['note']}"], run.stderr
+    assert notes[0].startswith("spectrum: note: this adapter records no base checkpoint; the base cannot be "
+                               f"checked: {tiny['adapter']}: its milora_export.json has no base_shards")
+    assert report["base_check"]["verified"] is False
     _check_entries(report, tiny, rel=1e-8)
     for e in report["entries"]:
         # the exported initial update s B0 A0 has exactly W's bottom-r singular values (float32 factors)
@@ -345,6 +351,9 @@ def test_forgetting_cli_writes_json(tiny):
     assert "forgetting loss" in run.stdout and "exact match" in run.stdout
     with open(out) as f:
         result = json.load(f)
+    note = result["base_check"]["note"]
+    assert note.startswith("this adapter records no base checkpoint; the base cannot be checked")
+    assert [line for line in run.stderr.splitlines() if "note:" in line] == [f"forgetting: note: {note}"]
     g = result["general"]
     assert g["windows"] == 2 and g["forgetting_loss"] > g["base_entropy"] > 0
     assert set(result["task"]) >= {"finetuned", "base"} and result["task"]["finetuned"]["examples"] == 1
@@ -366,3 +375,170 @@ def test_forgetting_errors_name_the_folder(tmp_path):
         load_pair(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_pair(str(tmp_path / "nowhere"))
+
+
+# ---- provenance: a base that can be checked, and one that cannot ---------------------------------------------
+def _shards(folder):
+    from milora_megatron.checkpoint.atomic import sha256_file
+
+    return {f: {"sha256": sha256_file(os.path.join(folder, f)), "bytes": os.path.getsize(os.path.join(folder, f))}
+            for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")}
+
+
+def test_spectrum_says_whether_the_base_was_checked(tiny, tmp_path):
+    """An export recording its base's shards is checked (verified, or refused when another
+    model is given); one that records none (a PEFT adapter from elsewhere, a merged folder
+    without milora_export.json) is analysed with a one-line note saying the base was not
+    checked."""
+    import shutil
+
+    from milora_megatron.analysis.deltas import spectrum_report
+    from milora_megatron.errors import CheckpointError
+
+    few = dict(layers=[0], targets=["q_proj"], progress=False)
+    recorded = str(tmp_path / "recorded")
+    shutil.copytree(tiny["adapter"], recorded)
+    info = json.load(open(os.path.join(recorded, "milora_export.json")))
+    _write_json(os.path.join(recorded, "milora_export.json"), {**info, "base_shards": _shards(tiny["base"])})
+    report = spectrum_report(tiny["base"], adapter_dir=recorded, **few)
+    assert report["base_check"] == {"verified": True, "note": None}
+
+    other = str(tmp_path / "other_base")
+    shutil.copytree(tiny["base"], other)
+    _transpose_first_shard_tensor(other)  # same files, other bytes
+    with pytest.raises(CheckpointError, match=r"is not the model .* was trained from: model-00001-of-\d+.safetensors differs"):
+        spectrum_report(other, adapter_dir=recorded, **few)
+
+    plain = str(tmp_path / "plain_peft")  # what PEFT itself saves: no milora_export.json at all
+    shutil.copytree(tiny["adapter"], plain)
+    os.remove(os.path.join(plain, "milora_export.json"))
+    note = spectrum_report(other, adapter_dir=plain, rank=RANK, **few)["base_check"]["note"]
+    assert note.startswith(f"this adapter records no base checkpoint; the base cannot be checked: {plain}: it has no "
+                           "milora_export.json (not exported by milora-megatron), so --base")
+    assert note.endswith(f"its adapter_config.json names {tiny['base']!r}") and "\n" not in note
+    merged = spectrum_report(tiny["base"], merged_dir=tiny["merged"], rank=RANK, **few)["base_check"]["note"]
+    assert merged.startswith("this merged folder records no base checkpoint; the base cannot be checked")
+
+
+def _transpose_first_shard_tensor(folder):
+    from safetensors.torch import load_file, save_file
+
+    shard = os.path.join(folder, sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))[0])
+    tensors = load_file(shard)
+    name = sorted(tensors)[0]
+    tensors[name] = -tensors[name]
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+# ---- the forgetting tool: both models must read the same tokens ----------------------------------------------
+def _merged_with_tokenizer(tiny, folder, make):
+    """A copy of the merged model whose folder carries the tokenizer ``make(folder)`` saves."""
+    import shutil
+
+    shutil.copytree(tiny["merged"], folder)
+    make(folder)
+    return folder
+
+
+def _base_tokenizer(tiny):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny["base"])
+
+
+def _retrained(tiny):
+    from milora_megatron.models.tiny_hf import make_tokenizer
+
+    sentences = open(os.path.join(ROOT, "data", "demo", "general.txt")).read().split(". ")
+    return lambda folder: make_tokenizer(folder, sentences[::-1][:40], vocab=512)
+
+
+def _other_eos(tiny):
+    def make(folder):
+        tok = _base_tokenizer(tiny)
+        tok.eos_token = "<pad>"
+        tok.save_pretrained(folder)
+
+    return make
+
+
+@pytest.mark.parametrize("make,difference", [
+    (_retrained, r"vocabulary: \d+ vs \d+ tokens, id \d+ is '.*' vs '.*'"),
+    (_other_eos, "special tokens: eos_token '</s>' vs '<pad>'"),
+])
+def test_forgetting_refuses_a_merged_model_with_another_tokenizer(tiny, tmp_path, capsys, make, difference):
+    """Token ids that mean different things to the two models make the KL meaningless: one
+    line naming both folders and what differs, before any model is loaded."""
+    import re
+
+    from milora_megatron.cli.forgetting import main
+
+    other = _merged_with_tokenizer(tiny, str(tmp_path / "merged_other_tok"), make(tiny))
+    code = main(["--base", tiny["base"], "--merged", other, "--general-text", tiny["general"], "--seq-len", "16",
+                 "--max-windows", "1", "--quiet"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(rf"forgetting: error: the tokenizers of --base {re.escape(tiny['base'])} and --merged "
+                     rf"{re.escape(other)} differ \({difference}\): ", lines[0]), lines[0]
+
+
+def test_forgetting_accepts_the_same_tokenizer_saved_again(tiny, tmp_path):
+    """The base's tokenizer, loaded and saved once more into the merged folder (other file
+    contents, the same tokenizer): accepted, and the numbers are the plain merged folder's."""
+    def save_again(folder):
+        _base_tokenizer(tiny).save_pretrained(folder)
+        path = os.path.join(folder, "tokenizer.json")
+        definition = json.load(open(path))
+        with open(path, "w") as f:  # other bytes (a file hash would differ), the same definition
+            json.dump(definition, f, indent=3, sort_keys=True)
+
+    same = _merged_with_tokenizer(tiny, str(tmp_path / "merged_same_tok"), save_again)
+    assert open(os.path.join(same, "tokenizer.json")).read() != open(os.path.join(tiny["base"], "tokenizer.json")).read()
+    got = general_text_metrics(load_pair(tiny["base"], finetuned_dir=same), tiny["general"], seq_len=16,
+                               max_windows=2, progress=False)
+    want = general_text_metrics(load_pair(tiny["base"], finetuned_dir=tiny["merged"]), tiny["general"], seq_len=16,
+                                max_windows=2, progress=False)
+    assert got == want and got["forgetting_kl"] > 0
+
+
+# ---- command-line errors: one line for the user's, a traceback for a bug -------------------------------------
+def test_spectrum_and_plot_run_errors_are_one_line(tiny, tmp_path, capsys):
+    from milora_megatron.cli import plot_run, spectrum
+
+    cases = [
+        (spectrum.main, ["--base", tiny["base"], "--adapter", tiny["adapter"], "--layers", "x", "--quiet"],
+         "spectrum: error: layer range 'x' is not a layer or a range such as 8-11"),
+        (spectrum.main, ["--base", os.path.join(tiny["base"], "config.json"), "--adapter", tiny["adapter"], "--quiet"],
+         "is a file, not an HF model folder (give the folder that holds config.json)"),
+        (spectrum.main, ["--base", tiny["base"], "--adapter", str(tmp_path / "nowhere"), "--quiet"],
+         f"spectrum: error: adapter folder {tmp_path / 'nowhere'} does not exist"),
+        (plot_run.main, [str(tmp_path / "no_run")], f"plot_run: error: run folder {tmp_path / 'no_run'} does not exist"),
+    ]
+    bad_run = tmp_path / "bad_run"
+    bad_run.mkdir()
+    (bad_run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    cases.append((plot_run.main, [str(bad_run), "--out", str(tmp_path / "p.png")],
+                  f"plot_run: error: {bad_run / 'metrics.jsonl'} line 2 is not JSON"))
+    (tmp_path / "a_file").write_text("x")
+    cases.append((spectrum.main, ["--base", tiny["base"], "--adapter", tiny["adapter"], "--layers", "0", "--targets",
+                                  "q_proj", "--out-json", str(tmp_path / "a_file" / "r.json"), "--quiet"],
+                  f"spectrum: error: cannot write {tmp_path / 'a_file' / 'r.json'}: {tmp_path / 'a_file'} is a file, "
+                  "not a folder"))
+    for main, argv, message in cases:
+        code = main(argv)
+        err = [line for line in capsys.readouterr().err.splitlines() if "note:" not in line]
+        assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
+
+
+def test_a_bug_in_an_analysis_keeps_its_traceback(tiny, monkeypatch, capsys):
+    from milora_megatron.analysis import deltas
+    from milora_megatron.cli import spectrum
+
+    def buggy(*args, **kwargs):
+        raise KeyError("entries")
+
+    monkeypatch.setattr(deltas, "spectrum_report", buggy)
+    with pytest.raises(KeyError):
+        spectrum.main(["--base", tiny["base"], "--adapter", tiny["adapter"], "--quiet"])
+    assert "error:" not in capsys.readouterr().err

@@ -3,6 +3,7 @@ refused with the key that asks for it."""
 
 import pytest
 
+from milora_megatron.errors import CheckpointError, ConfigError
 from milora_megatron.models.families import family_for
 from milora_megatron.models.llama import LlamaShape
 from milora_megatron.models.tiny_hf import FAMILIES, family_config
@@ -32,16 +33,29 @@ def test_each_family_reads_its_transformers_config(family):
     ("llama", {"attention_bias": True}, "unsupported llama config: attention_bias=True"),
     ("llama", {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]}, "unsupported architecture ['Gemma2ForCausalLM']"),
     ("llama", {"architectures": ["Qwen2ForCausalLM"]}, "unsupported architecture"),  # model_type and class disagree
+    ("qwen3", {"num_attention_heads": None}, "qwen3 config: num_attention_heads=None is not a positive integer"),
+    ("llama", {"num_key_value_heads": 3}, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
 ])
 def test_refusals_name_the_key(family, changes, message):
-    with pytest.raises(ValueError) as info:
+    """A config we cannot handle is the checkpoint's (the user's) problem: a CheckpointError,
+    still a ValueError for older callers."""
+    with pytest.raises(CheckpointError) as info:
         LlamaShape.from_hf_config(_cfg(family, **changes))
-    assert message in str(info.value)
+    assert message in str(info.value) and isinstance(info.value, ValueError)
+
+
+def test_a_config_without_a_size_is_refused_not_a_key_error():
+    cfg = _cfg("llama")
+    del cfg["intermediate_size"]
+    with pytest.raises(CheckpointError, match="llama config has no intermediate_size"):
+        LlamaShape.from_hf_config(cfg)
 
 
 def test_a_sliding_window_shorter_than_the_sequences_is_refused():
     shape = LlamaShape.from_hf_config(_cfg("mistral", sliding_window=128))
     shape.check_seq_len(128)
-    with pytest.raises(ValueError, match="sliding window of 128 tokens, shorter than train.seq_len 256"):
+    with pytest.raises(ConfigError, match="sliding window of 128 tokens, shorter than train.seq_len 256"):
         shape.check_seq_len(256)
+    with pytest.raises(ConfigError, match="TP size 3 does not divide the 4 attention heads"):
+        shape.check_parallel(3, 1)
     assert LlamaShape.from_hf_config(_cfg("mistral", sliding_window=None)).sliding_window is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from ...errors import CheckpointError
 from .base import Family, register, registered
 
 for _info in pkgutil.iter_modules(__path__):
@@ -27,7 +28,7 @@ def family_for(cfg: dict) -> Family:
         if model_type == family.model_type and (not archs or set(archs) & set(family.architectures)):
             return family
     supported = ", ".join(f"{a} (model_type {f.model_type!r})" for f in registered() for a in f.architectures)
-    raise ValueError(f"unsupported architecture {archs or model_type!r} (model_type {model_type!r}); "
+    raise CheckpointError(f"unsupported architecture {archs or model_type!r} (model_type {model_type!r}); "
                      f"supported: {supported}")
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from ...errors import CheckpointError
+
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+# what every family's config must give: the model's sizes
+SIZE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
 
 _REGISTRY: dict[str, "Family"] = {}
 
@@ -32,15 +36,16 @@ class Family:
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(f"unsupported rope type {rope_type!r}; supported: {list(SUPPORTED_ROPE_TYPES)}")
+            raise CheckpointError(f"unsupported rope type {rope_type!r}; supported: {list(SUPPORTED_ROPE_TYPES)}")
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        heads = cfg["num_attention_heads"]
+        size = {key: required(cfg, self.name, key) for key in SIZE_KEYS}
+        heads = size["num_attention_heads"]
         kv = cfg.get("num_key_value_heads") or heads
         if heads % kv:
-            raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+            raise CheckpointError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
         return dict(
-            layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], heads=heads, kv_heads=kv,
-            ffn=cfg["intermediate_size"], vocab=cfg["vocab_size"], head_dim=cfg.get("head_dim"),
+            layers=size["num_hidden_layers"], hidden=size["hidden_size"], heads=heads, kv_heads=kv,
+            ffn=size["intermediate_size"], vocab=size["vocab_size"], head_dim=cfg.get("head_dim"),
             max_seq=cfg.get("max_position_embeddings", 4096), rope_theta=float(theta),
             rope_scaling=rope if rope_type == "llama3" else None, rms_eps=cfg.get("rms_norm_eps", 1e-5),
             tied=bool(cfg.get("tie_word_embeddings", False)), family=self.name, qkv_bias=self.qkv_bias,
@@ -61,4 +66,15 @@ def expect(cfg: dict, family: str, **expected) -> None:
     for key, value in expected.items():
         got = cfg.get(key)
         if got is not None and got != value:
-            raise ValueError(f"unsupported {family} config: {key}={got!r} (supported: {value!r})")
+            raise CheckpointError(f"unsupported {family} config: {key}={got!r} (supported: {value!r})")
+
+
+def required(cfg: dict, family: str, key: str) -> int:
+    """A size the config must give, as a positive integer (a config without it is damaged or
+    not a decoder's)."""
+    if key not in cfg:
+        raise CheckpointError(f"{family} config has no {key} (a damaged config.json, or not a decoder's)")
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{family} config: {key}={value!r} is not a positive integer")
+    return value

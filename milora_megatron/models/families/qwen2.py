@@ -1,14 +1,15 @@
+from ...errors import CheckpointError
 from .base import Family, expect, register
 
 
 def full_attention_only(cfg: dict, family: str) -> None:
     """Qwen configs carry a window that only applies with ``use_sliding_window``."""
     if cfg.get("use_sliding_window"):
-        raise ValueError(f"unsupported {family} config: use_sliding_window=true (sliding-window attention); "
+        raise CheckpointError(f"unsupported {family} config: use_sliding_window=true (sliding-window attention); "
                          "only full attention is supported")
     kinds = set(cfg.get("layer_types") or ["full_attention"])
     if kinds != {"full_attention"}:
-        raise ValueError(f"unsupported {family} config: layer_types {sorted(kinds)}; only full_attention is supported")
+        raise CheckpointError(f"unsupported {family} config: layer_types {sorted(kinds)}; only full_attention is supported")
 
 
 @register
