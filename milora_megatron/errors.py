@@ -45,6 +45,10 @@ class RunFolderError(UserError, RuntimeError):
     change a resume cannot honour)."""
 
 
+class OutputExistsError(OutputError, FileExistsError):
+    """The output is there already and replacing it was not asked for."""
+
+
 class DiskFullError(UserError, OSError):
     """No space left on the device being written; what was already on disk is untouched."""
 

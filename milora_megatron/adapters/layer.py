@@ -97,34 +97,56 @@ class _AdapterHost:
             return F.dropout(x, self.adapter_dropout, training=True)
 
     def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """s (B A x' - B0 A0 x) per adapter (x' = dropout(x); the B0 A0 term only in branch
+        mode), interleaved into the linear's output rows.
+
+        Branch mode computes it from the factors' drift, as one GEMM over stacked operands:
+        ``[(A - A0) x' + A0 (x' - x), A0 x] @ [B, B - B0]^T``. A - A0 and B - B0 are taken in
+        fp32 before the cast to the activation dtype, so a bf16 delta carries the update
+        itself instead of the rounding noise of two near-equal products; at init both
+        drifts are exactly zero, so the model starts bit-identical whatever kernels run.
+        """
         adapters = list(self.adapters.items())
         tp = self._tp_size
         column = self.adapter_shard_dim == 0
-        r = [ad.lora_A.shape[0] for _, ad in adapters]
-        a = torch.cat([ad.lora_A for _, ad in adapters]) if len(adapters) > 1 else adapters[0][1].lora_A
+        dropping = self.training and self.adapter_dropout > 0.0
+        branch = [name for name, ad in adapters if ad.residual_branch]
+        # rows of the GEMM on the dropped-out input: A (or A - A0 in branch mode) per adapter,
+        # then A0 of the branch adapters when dropout makes x' differ from x
+        rows = [ad.lora_A - ad.lora_A0 if ad.residual_branch else ad.lora_A for _, ad in adapters]
+        splits = [ad.lora_A.shape[0] for _, ad in adapters]
+        if dropping and branch:
+            rows += [self.adapters[n].lora_A0 for n in branch]
+            splits += [self.adapters[n].lora_A0.shape[0] for n in branch]
+        a = torch.cat(rows) if len(rows) > 1 else rows[0]
         if column and self.sequence_parallel and tp > 1:
             a = copy_to_tensor_model_parallel_region(a, group=self.tp_group)  # dA: sum over chunks (fp32)
         h = self._dropout(x) @ a.to(x.dtype).t()
-        branch = [name for name, ad in adapters if ad.residual_branch]
         if branch:
             a0 = torch.cat([self.adapters[n].lora_A0 for n in branch])
             h = torch.cat([h, x @ a0.to(x.dtype).t()], dim=-1)
+            splits += [self.adapters[n].lora_A0.shape[0] for n in branch]
         if column and tp > 1:
             if self.sequence_parallel:
                 h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=self.tp_group)
             else:
                 h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
-        splits = r + [self.adapters[n].lora_A0.shape[0] for n in branch]
         hs = torch.split(h, splits, dim=-1)
-        h0 = dict(zip(branch, hs[len(adapters):]))
+        n = len(adapters)
+        h0d = dict(zip(branch, hs[n:n + len(branch)])) if dropping else {}
+        h0 = dict(zip(branch, hs[len(hs) - len(branch):]))
         deltas = {}
         for (name, ad), h_i in zip(adapters, hs):
             b = ad.lora_B
             if not column and tp > 1 and b.requires_grad:
                 b = copy_to_tensor_model_parallel_region(b, group=self.tp_group)  # dB: sum over ranks (fp32)
-            d = h_i @ b.to(h_i.dtype).t()
             if name in h0:
-                d = d - h0[name] @ ad.lora_B0.to(h_i.dtype).t()  # exactly zero at init: same values, same kernels
+                drift = h_i + (h0d[name] - h0[name]) if name in h0d else h_i
+                stacked_h = torch.cat([drift, h0[name]], dim=-1)
+                stacked_b = torch.cat([b, b - ad.lora_B0], dim=1)
+                d = stacked_h @ stacked_b.to(h_i.dtype).t()
+            else:
+                d = h_i @ b.to(h_i.dtype).t()
             deltas[name] = d * ad.scaling
         return self.adapter_layout.combine(deltas)
 

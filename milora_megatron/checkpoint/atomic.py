@@ -11,7 +11,7 @@ import os
 import shutil
 import struct
 
-from ..errors import as_user_error
+from ..errors import OutputError, OutputExistsError, as_user_error
 
 PARTIAL_SUFFIX = ".partial"
 REPLACED_SUFFIX = ".replaced"
@@ -48,9 +48,10 @@ def atomic_directory(final: str, overwrite: bool = False, group=None):
     lead = group is None or dist.get_rank(group) == 0
     if lead:
         if os.path.exists(final) and not overwrite:
-            raise FileExistsError(f"{final} already exists (pass --overwrite to replace it)")
+            raise OutputExistsError(f"{final} already exists (pass --overwrite to replace it)")
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed writer
-        os.makedirs(tmp)
+        with _as_user_error(final):
+            os.makedirs(tmp)
     if group is not None:
         dist.barrier(group=group)
     try:
@@ -65,22 +66,40 @@ def atomic_directory(final: str, overwrite: bool = False, group=None):
     if group is not None:
         dist.barrier(group=group)
     if lead:
-        _fsync_tree(tmp)
-        if os.path.exists(final):
-            # never delete the old copy before the new one is in place: it is set aside,
-            # the new one renamed in, then the old one removed. A kill between the two
-            # renames leaves FINAL.replaced, complete, which readers accept.
-            aside = final + REPLACED_SUFFIX
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(final, aside)
-            os.replace(tmp, final)
-            _fsync_dir(os.path.dirname(final))
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(os.path.dirname(final))
+        with _as_user_error(final):
+            _commit(tmp, final)
     if group is not None:
         dist.barrier(group=group)
+
+
+@contextlib.contextmanager
+def _as_user_error(path: str):
+    """A full disk inside the block: one DiskFullError naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        translated = as_user_error(exc, path)
+        if translated is exc:
+            raise
+        raise translated from exc
+
+
+def _commit(tmp: str, final: str) -> None:
+    """``tmp`` becomes ``final``, durably; an old ``final`` is replaced without a window."""
+    _fsync_tree(tmp)
+    if os.path.exists(final):
+        # never delete the old copy before the new one is in place: it is set aside,
+        # the new one renamed in, then the old one removed. A kill between the two
+        # renames leaves FINAL.replaced, complete, which readers accept.
+        aside = final + REPLACED_SUFFIX
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        _fsync_dir(os.path.dirname(final))
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(os.path.dirname(final))
 
 
 def read_json(path: str):
@@ -117,9 +136,17 @@ def check_writable(final: str) -> None:
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise NotADirectoryError(f"cannot write {final}: {parent} is a file, not a folder")
+        raise OutputError(f"cannot write {final}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {final}: {parent} is not writable")
+        raise OutputError(f"cannot write {final}: {parent} is not writable")
+
+
+def check_output(out: str, overwrite: bool, flag: str = "--overwrite") -> None:
+    """Refuse, before any expensive work, an output that exists (without ``overwrite``, which
+    the user gives as ``flag``) or that cannot be created."""
+    if os.path.exists(out) and not overwrite:
+        raise OutputExistsError(f"{os.path.abspath(out)} already exists (pass {flag} to replace it)")
+    check_writable(out)
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -1,0 +1,38 @@
+"""milora_megatron/models/layers.py: the fused RMSNorm against transformers' own LlamaRMSNorm
+(the reference definition), forward and backward, in fp32 and bf16."""
+
+import types
+
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_transformers(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from milora_megatron.models.layers import RMSNorm
+
+    torch.manual_seed(0)
+    hidden, eps = 256, 1e-5
+    ours = RMSNorm(types.SimpleNamespace(params_dtype=dtype, sequence_parallel=False), hidden, eps=eps)
+    ref = LlamaRMSNorm(hidden, eps=eps).to(dtype)
+    with torch.no_grad():
+        w = (1 + 0.1 * torch.randn(hidden)).to(dtype)
+        ours.weight.copy_(w)
+        ref.weight.copy_(w)
+    for scale in (1e-3, 1.0, 40.0):  # small, unit and outlier-sized activations
+        x = (scale * torch.randn(16, 3, hidden)).to(dtype)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), ref(xb)
+        g = torch.randn_like(ya)
+        (ya * g).sum().backward()
+        (yb * g).sum().backward()
+        assert ya.dtype == yb.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(ya, yb, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6 / scale)
+        else:  # within bf16 rounding: at most one unit in the last place
+            ulp = torch.finfo(torch.bfloat16).eps * yb.float().abs().clamp_min(1e-30)
+            assert ((ya.float() - yb.float()).abs() <= ulp).all()
+            assert torch.allclose(xa.grad.float(), xb.grad.float(), rtol=2e-2, atol=2e-2 / scale)
