@@ -21,8 +21,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import (PARTIAL_SUFFIX, REPLACED_SUFFIX, atomic_directory, check_recorded_files, sha256_file,
-                     write_text_atomic)
+from ..errors import CheckpointError, DiskFullError, MissingPathError, UserError, as_user_error
+from .atomic import PARTIAL_SUFFIX, REPLACED_SUFFIX, atomic_directory, sha256_file, write_text_atomic
+from .base import verify_recorded_files
 
 FORMAT = "milora-megatron-adapter"
 VERSION = 2  # 2: adapter.json records every file's size and sha256
@@ -32,25 +33,48 @@ LATEST = "latest"
 FACTORS = ("lora_A", "lora_B", "lora_A0", "lora_B0")
 
 
-# A trained factor entry beyond this (times its initial magnitude, at least 1) belongs to a
-# diverged run: the weights it adapts are O(1), and AdamW moves an entry by ~lr per step.
+# The bound on a saved factor entry, past which the run that wrote it diverged (or the file
+# is damaged). Every factor is checked, each against a scale that does not come from itself:
+# * the initial A0, B0 (PiSSA, MiLoRA: sqrt(sigma / s) times unit singular vectors of a base
+#   weight, so at most sqrt(sigma_max / s), tens for real models) against FACTOR_LIMIT itself;
+# * a trained A, B against FACTOR_LIMIT times max(1, max|A0|) (resp. |B0|) when that initial
+#   factor passed its own check, else FACTOR_LIMIT: the weights they adapt are O(1), and
+#   AdamW moves an entry by ~lr per step. LoRA and MiCA (no A0/B0) start below 1.
 FACTOR_LIMIT = 1e4
+INITIAL_FACTORS = ("lora_A0", "lora_B0")
+TRAINED_FACTORS = ("lora_A", "lora_B")
+
+
+def _out_of_bounds(key: str, t: torch.Tensor, limit: float) -> str | None:
+    """Why ``t`` is not a sane factor (not finite, or an entry beyond ``limit``), or None."""
+    t = t.detach()
+    if not t.numel():
+        return None
+    if not bool(torch.isfinite(t).all()):
+        return f"{key} is not finite"
+    peak = float(t.abs().max())
+    return f"{key} reached {peak:.3g} (limit {limit:.3g})" if peak > limit else None
 
 
 def diverged(factors: dict[str, torch.Tensor]) -> list[str]:
-    """The factors (``<module>.lora_A`` ... keys, A0/B0 beside them when the method has them)
-    that are not finite or have exploded against their initial values."""
+    """The factors (``<module>.lora_A``, ``.lora_B``, ``.lora_A0``, ``.lora_B0`` keys: every
+    saved tensor) that are not finite or out of bounds (see FACTOR_LIMIT), in ``factors``'
+    order. An initial factor that fails its check does not widen its trained factor's limit."""
+    scale = {}
+    for key, t in factors.items():
+        if key.endswith(INITIAL_FACTORS) and t.numel() and _out_of_bounds(key, t, FACTOR_LIMIT) is None:
+            scale[key] = max(1.0, float(t.detach().abs().max()))
     bad = []
     for key, t in factors.items():
-        if not key.endswith(("lora_A", "lora_B")):
+        if key.endswith(INITIAL_FACTORS):
+            limit = FACTOR_LIMIT
+        elif key.endswith(TRAINED_FACTORS):
+            limit = FACTOR_LIMIT * scale.get(key + "0", 1.0)
+        else:
             continue
-        t = t.detach()
-        initial = factors.get(key + "0")
-        scale = max(1.0, float(initial.detach().abs().max())) if initial is not None and initial.numel() else 1.0
-        if not bool(torch.isfinite(t).all()):
-            bad.append(f"{key} is not finite")
-        elif t.numel() and float(t.abs().max()) > FACTOR_LIMIT * scale:
-            bad.append(f"{key} reached {float(t.abs().max()):.3g}")
+        problem = _out_of_bounds(key, t, limit)
+        if problem:
+            bad.append(problem)
     return bad
 
 
@@ -89,12 +113,12 @@ def scatter_factors(targets, tensors: dict[str, torch.Tensor], tp_rank: int = 0,
     """Load full factors (from ``gather_factors``) into this rank's shards."""
     for key, local, dim in local_factors(targets):
         if key not in tensors:
-            raise KeyError(f"adapter checkpoint lacks {key}")
+            raise CheckpointError(f"adapter checkpoint lacks {key}")
         full = tensors[key]
         if dim is not None:
             full = full.chunk(tp_size, dim=dim)[tp_rank]
         if tuple(full.shape) != tuple(local.shape):
-            raise ValueError(f"{key}: checkpoint shape {tuple(full.shape)} does not fit {tuple(local.shape)}")
+            raise CheckpointError(f"{key}: checkpoint shape {tuple(full.shape)} does not fit {tuple(local.shape)}")
         local.copy_(full.to(local.dtype))
 
 
@@ -142,18 +166,30 @@ def write_adapter_checkpoint(path: str, factors: dict[str, torch.Tensor], peft_c
 
     lead = group is None or dist.get_rank(group) == 0
     with atomic_directory(path, overwrite=True, group=group) as tmp:
-        written = []
-        if writes_factors:
-            name = f"adapter-stage{stage:03d}.safetensors"
-            save_file(factors, os.path.join(tmp, name))
-            written.append(name)
-        if extra_writer is not None:
-            written += extra_writer(tmp) or []
-        mine = {name: _file_record(tmp, name) for name in written}
+        written, failure = [], None
+        try:  # a rank that fails to write (a full disk) must not leave the others waiting
+            if writes_factors:
+                name = f"adapter-stage{stage:03d}.safetensors"
+                save_file(factors, os.path.join(tmp, name))
+                written.append(name)
+            if extra_writer is not None:
+                written += extra_writer(tmp) or []
+            mine = {name: _file_record(tmp, name) for name in written}
+        except Exception as exc:
+            if group is None:
+                raise
+            failure, mine = as_user_error(exc, path), {}
         if group is not None:
             everyone = [None] * dist.get_world_size(group)
-            dist.all_gather_object(everyone, mine, group=group)
-            mine = {k: v for records in everyone for k, v in records.items()}
+            dist.all_gather_object(everyone, (mine, None if failure is None else
+                                              (isinstance(failure, DiskFullError), str(failure))), group=group)
+            failures = [f for _, f in everyone if f is not None]
+            if failure is not None and not isinstance(failure, UserError):
+                raise failure
+            if failures:
+                raise DiskFullError(path) if any(full for full, _ in failures) else RuntimeError(
+                    f"another rank failed to write {path}: {failures[0][1]}")
+            mine = {k: v for records, _ in everyone for k, v in records.items()}
         if lead:
             meta = {
                 "format": FORMAT, "version": VERSION, "step": step, "peft": asdict(peft_config),
@@ -196,9 +232,9 @@ def newest_complete(run_dir: str, verify: bool = True, required=()) -> tuple["Ad
             ckpt = AdapterCheckpoint(folder, verify=verify)
             missing = [name for name in required if not os.path.isfile(os.path.join(ckpt.path, name))]
             if missing:
-                raise FileNotFoundError(f"lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+                raise MissingPathError(f"lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
             return ckpt, skipped
-        except (OSError, ValueError) as exc:
+        except (UserError, OSError) as exc:
             skipped.append(f"{os.path.basename(folder)}: {exc}")
     return None, skipped
 
@@ -207,20 +243,20 @@ def resolve_checkpoint_dir(path: str) -> str:
     """A checkpoint folder from itself or from a run folder (its newest complete checkpoint)."""
     path = os.path.abspath(path)
     if path.endswith(PARTIAL_SUFFIX):
-        raise ValueError(f"{path} is an interrupted checkpoint (never completed)")
+        raise CheckpointError(f"{path} is an interrupted checkpoint (never completed)")
     if os.path.isfile(os.path.join(path, META)):
         return path
     if os.path.basename(path).startswith("step_"):
-        raise FileNotFoundError(f"{path} has no {META} (interrupted or damaged)")
+        raise MissingPathError(f"{path} has no {META} (interrupted or damaged)")
     ckpts = os.path.join(path, CHECKPOINTS)
     if not os.path.isdir(ckpts):
-        raise FileNotFoundError(f"{path} is neither a base checkpoint, an adapter checkpoint nor a run folder")
+        raise MissingPathError(f"{path} is neither a base checkpoint, an adapter checkpoint nor a run folder")
     chosen, skipped = newest_complete(path, verify=False)
     if chosen is None:
         partial = glob.glob(os.path.join(ckpts, "*" + PARTIAL_SUFFIX))
         hint = f" (only interrupted ones: {[os.path.basename(p) for p in partial]})" if partial else ""
         damaged = f"; passed over: {'; '.join(skipped)}" if skipped else ""
-        raise FileNotFoundError(f"run folder {path} has no complete checkpoint{hint}{damaged}")
+        raise MissingPathError(f"run folder {path} has no complete checkpoint{hint}{damaged}")
     if skipped:
         print(f"warning: using {chosen.path}; newer checkpoints are incomplete: {'; '.join(skipped)}", file=sys.stderr)
     return chosen.path
@@ -236,13 +272,16 @@ class AdapterCheckpoint:
             with open(os.path.join(self.path, META)) as f:
                 self.meta = json.load(f)
         except ValueError as exc:
-            raise ValueError(f"{self.path}/{META} is not valid JSON ({exc})") from exc
-        if self.meta.get("format") != FORMAT or self.meta.get("version") not in (1, VERSION):
-            raise ValueError(f"{self.path}/{META}: not a {FORMAT} v1/v{VERSION} checkpoint")
+            raise CheckpointError(f"{self.path}/{META} is not valid JSON ({exc})") from exc
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT or self.meta.get("version") not in (1, VERSION):
+            raise CheckpointError(f"{self.path}/{META}: not a {FORMAT} v1/v{VERSION} checkpoint")
+        lacking = [k for k in ("step", "peft", "base", "files") if k not in self.meta]
+        if lacking:
+            raise CheckpointError(f"{self.path}/{META} lacks {', '.join(lacking)} (damaged)")
         for name in self.meta["files"]:
             if not os.path.isfile(os.path.join(self.path, name)):
-                raise FileNotFoundError(f"adapter checkpoint {self.path} lacks {name} (interrupted or damaged)")
-        check_recorded_files(self.path, self.meta.get("checksums", {}), verify, "adapter checkpoint")
+                raise MissingPathError(f"adapter checkpoint {self.path} lacks {name} (interrupted or damaged)")
+        verify_recorded_files(self.path, self.meta.get("checksums", {}), verify, "adapter checkpoint")
         self.verified = verify and "checksums" in self.meta
 
     @property
@@ -273,11 +312,11 @@ class AdapterCheckpoint:
         recorded = self.meta["base"]
         where = path or recorded["path"]
         if not os.path.isdir(where):
-            raise FileNotFoundError(f"the base checkpoint this run trained on, {where}, is missing"
+            raise MissingPathError(f"the base checkpoint this run trained on, {where}, is missing"
                                     + ("" if path else " (if it was moved, give its new place with --base)"))
         base = BaseCheckpoint(where)
         if not base.is_the_base_of(recorded["fingerprint"]):
-            raise ValueError(
+            raise CheckpointError(
                 f"base checkpoint {base.path} changed since training (fingerprint {base.fingerprint[:12]} "
                 f"!= recorded {recorded['fingerprint'][:12]}); export needs the exact base the adapter was trained on"
             )

@@ -25,6 +25,7 @@ import os
 import torch
 from safetensors import safe_open
 
+from ..errors import CheckpointError, MissingPathError, UserError
 from ..mapping.llama import EMBEDDING, LM_HEAD, layout_of
 from ..models.llama import LlamaShape, padded_vocab
 from .atomic import PARTIAL_SUFFIX, check_recorded_files, read_json, sha256_file
@@ -56,21 +57,38 @@ def is_base_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MANIFEST))
 
 
+def verify_recorded_files(folder: str, records: dict, checksums: bool, what: str, only=None) -> None:
+    """``atomic.check_recorded_files``, raising what it finds as the user errors they are: a
+    missing file MissingPathError; a wrong size, a cut-short header or a changed checksum
+    CheckpointError (each naming the file)."""
+    try:
+        check_recorded_files(folder, records, checksums, what, only=only)
+    except UserError:
+        raise
+    except FileNotFoundError as exc:
+        raise MissingPathError(str(exc)) from exc
+    except ValueError as exc:  # its own findings about the files: size, header, checksum
+        raise CheckpointError(str(exc)) from exc
+
+
 class BaseCheckpoint:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         if self.path.endswith(PARTIAL_SUFFIX):
-            raise ValueError(f"{self.path} is an interrupted conversion (never completed); convert again")
+            raise CheckpointError(f"{self.path} is an interrupted conversion (never completed); convert again")
         manifest = os.path.join(self.path, MANIFEST)
         if not os.path.isfile(manifest):
             hint = " (only an interrupted conversion is there)" if os.path.isdir(self.path + PARTIAL_SUFFIX) else ""
             what = "is not a converted base checkpoint" if os.path.isdir(self.path) else "does not exist"
-            raise FileNotFoundError(f"base checkpoint {self.path} {what}{hint}")
-        self.manifest = read_json(manifest)
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest} is not a {FORMAT} manifest")
+            raise MissingPathError(f"base checkpoint {self.path} {what}{hint}")
+        try:
+            self.manifest = read_json(manifest)
+        except ValueError as exc:  # not JSON
+            raise CheckpointError(str(exc)) from exc
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            raise CheckpointError(f"{manifest} is not a {FORMAT} manifest")
         if self.manifest.get("version") != VERSION:
-            raise ValueError(f"{manifest} has format version {self.manifest.get('version')}; this code reads {VERSION}")
+            raise CheckpointError(f"{manifest} has format version {self.manifest.get('version')}; this code reads {VERSION}")
         self.shape = LlamaShape.from_hf_config(self.manifest["hf_config"])
         self.layouts = self.shape.layer_layouts()
         self.weight_map: dict[str, str] = self.manifest["weight_map"]
@@ -84,7 +102,7 @@ class BaseCheckpoint:
 
     def check_files(self, checksums: bool = False, files=None) -> None:
         """Every file present and complete; with ``checksums`` also bit-identical to when written."""
-        check_recorded_files(self.path, self.manifest["files"], checksums, "base checkpoint", only=files)
+        verify_recorded_files(self.path, self.manifest["files"], checksums, "base checkpoint", only=files)
 
     def is_the_base_of(self, recorded_fingerprint: str) -> bool:
         """Whether a run that recorded this fingerprint trained on this base (runs from before
@@ -97,7 +115,7 @@ class BaseCheckpoint:
         mine = set(sorted(self.manifest["files"])[rank::world])
         try:
             self.check_files(checksums=True, files=mine)
-        except (OSError, ValueError) as exc:
+        except (UserError, OSError) as exc:  # damaged, missing or unreadable files
             return str(exc)
         return None
 
@@ -131,7 +149,7 @@ class BaseCheckpoint:
                 global_name = self._global_name(name, local_to_global)
                 file = self.weight_map.get(global_name)
                 if file is None:
-                    raise KeyError(f"base checkpoint {self.path} has no tensor for parameter {name} ({global_name})")
+                    raise CheckpointError(f"base checkpoint {self.path} has no tensor for parameter {name} ({global_name})")
                 if file not in handles:
                     handles[file] = open_files.enter_context(safe_open(os.path.join(self.path, file), framework="pt"))
                 param.copy_(self._read_shard(handles[file], global_name, tuple(param.shape), param.dtype, tp_rank, tp_size))
@@ -159,5 +177,6 @@ class BaseCheckpoint:
         parts = [sliced[idx] for idx in index]
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         if tuple(out.shape) != local_shape:
-            raise ValueError(f"{name}: checkpoint slice {tuple(out.shape)} does not match the model's {local_shape}")
+            raise CheckpointError(f"{self.path}: {name}: checkpoint slice {tuple(out.shape)} does not match the "
+                                  f"model's {local_shape}")
         return out

@@ -2,7 +2,10 @@
 
 --ckpt takes a converted base checkpoint (plain export, bit-identical to the source), an
 adapter checkpoint folder, or a training run's output folder (its latest checkpoint, which
-records the base it trained on; the base must still be there, unchanged).
+records the base it trained on; the base must still be there, unchanged). A base checkpoint
+folder that also holds a training run (checkpoints/, run.json) is refused rather than guessed
+at: give the step folder (DIR/checkpoints/step_N) for the adapter, or DIR/milora_base.json
+for the base alone.
 
 Merged: W + s (B A - B0 A0) for every adapted target, computed in float32 from the original
 base weights and cast to the source dtype (or --dtype); sharded safetensors with index,
@@ -12,6 +15,9 @@ config.json, generation config and tokenizer files from the source.
 PeftModel.from_pretrained(ORIGINAL_BASE, OUT_DIR). PiSSA/MiLoRA are written in PEFT's
 rank-2r form (lora_A = [A; A0], lora_B = [B, -B0], r -> 2r, alpha -> 2 alpha); LoRA and
 MiCA at rank r.
+
+An error the user can act on (a damaged or diverged checkpoint, --out in the way, a full
+disk) is one line on stderr and exit status 2; nothing already on disk is changed.
 """
 
 import argparse
@@ -19,6 +25,7 @@ import os
 import re
 import sys
 
+from milora_megatron.errors import UserError, as_user_error
 
 
 def parse_size(text: str) -> int:
@@ -40,7 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-shard-size", type=parse_size, default="1GB",
                    help="largest merged safetensors shard (default 1GB; peak memory is about one shard plus one layer)")
     p.add_argument("--no-verify", action="store_true",
-                   help="skip re-checking the base checkpoint's file checksums (sizes are always checked)")
+                   help="skip re-checking the BASE checkpoint's file checksums (its sizes are always checked); "
+                        "the adapter checkpoint's checksums are always verified (its files are small)")
     p.add_argument("--base", default=None,
                    help="where the run's base checkpoint is now, if it was moved (it must be the same base: "
                         "its content fingerprint is checked)")
@@ -57,9 +65,12 @@ def main(argv=None) -> int:
         else:
             out = export_merged(args.ckpt, args.out, args.dtype, args.max_shard_size, args.overwrite,
                                 verify=not args.no_verify, progress=not args.quiet, base_path=args.base)
-    except (ValueError, OSError, KeyError) as exc:
-        print(f"megatron_to_hf: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # a UserError, or a full disk that arrived as another error; else a bug: traceback
+        user = as_user_error(exc, os.path.abspath(args.out))
+        if not isinstance(user, UserError):
+            raise
+        print(f"megatron_to_hf: error: {user}", file=sys.stderr)
+        return user.exit_code
     print(f"{'PEFT adapter' if args.adapter_only else 'HF model'} written: {out}")
     return 0
 

@@ -3,6 +3,11 @@
 The merged weights are computed from the ORIGINAL base tensors, in float32,
 ``W + s (B A - B0 A0)``, then cast to each tensor's source dtype (or ``dtype``): a residual
 stored in bf16 during training never reaches the export.
+
+What the user can act on arrives as a ``UserError`` (``errors.py``): a damaged, diverged or
+ambiguous checkpoint, an output that exists or cannot be written, a full disk. The output is
+written atomically: a failed export leaves nothing behind and an earlier export it was to
+replace (``overwrite``) untouched.
 """
 
 from __future__ import annotations
@@ -15,33 +20,71 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..checkpoint.adapters import AdapterCheckpoint, diverged
-from ..checkpoint.atomic import atomic_directory, check_writable
-from ..checkpoint.base import DTYPES, BaseCheckpoint, is_base_checkpoint
+from ..checkpoint.adapters import CHECKPOINTS, AdapterCheckpoint, candidates, diverged
+from ..checkpoint.atomic import atomic_directory, check_output
+from ..checkpoint.base import DTYPES, MANIFEST, BaseCheckpoint, is_base_checkpoint
+from ..errors import CheckpointError, ConfigError
 from .hf_folder import INDEX_NAME
 from ..mapping.llama import EMBEDDING, FINAL_NORM, LM_HEAD, hf_layer_prefix, megatron_to_hf_layer
 
 
-def _check_out(out: str, overwrite: bool) -> None:
-    """Before any checksum of a 16 GB base: the output can be written."""
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{os.path.abspath(out)} already exists (pass --overwrite to replace it)")
-    check_writable(out)
+# what a training run writes at the top of its output folder
+RUN_MARKERS = ("run.json", "config.json", "metrics.jsonl")
+
+
+def _run_inside(path: str) -> list[str]:
+    """What of a training run a folder holds (``checkpoints/``, a run's run.json, ...)."""
+    held = []
+    if os.path.isdir(os.path.join(path, CHECKPOINTS)):
+        steps = [os.path.basename(p) for p in candidates(path)]
+        held.append(f"{CHECKPOINTS}/ ({', '.join(steps[:3])}{', ...' if len(steps) > 3 else ''})" if steps
+                    else f"{CHECKPOINTS}/")
+    for name in RUN_MARKERS:
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            continue
+        if name == "config.json":  # a training config, not some model's config.json
+            try:
+                with open(full) as f:
+                    config = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if not (isinstance(config, dict) and "peft" in config and "train" in config):
+                continue
+        held.append(name)
+    return held
 
 
 def open_checkpoint(path: str, verify: bool = True, base_path: str | None = None
                     ) -> tuple[BaseCheckpoint, AdapterCheckpoint | None]:
-    """``path``: a converted base checkpoint, an adapter checkpoint, or a run folder (its latest)."""
+    """``path``: a converted base checkpoint (or its manifest file, to name the base alone), an
+    adapter checkpoint, or a run folder (its latest). A base checkpoint that also holds a
+    training run is refused: which of the two to export is the user's to say.
+
+    The adapter's checksums are always verified (its files are small, and a flipped byte
+    would be exported as a huge entry); ``verify=False`` skips only the base's."""
+    if os.path.basename(os.path.normpath(path)) == MANIFEST and os.path.isfile(path):
+        path = os.path.dirname(os.path.abspath(path))  # the base, explicitly
+    elif is_base_checkpoint(path):
+        held = _run_inside(path)
+        if held:
+            folder = os.path.abspath(path)
+            steps = candidates(folder)
+            step = steps[0] if steps else os.path.join(folder, CHECKPOINTS, "step_N")
+            raise CheckpointError(
+                f"{folder} is a base checkpoint and also holds a training run ({'; '.join(held)}): refusing to guess "
+                f"which to export; give the step folder (e.g. {step}) for the run's adapter, or "
+                f"{os.path.join(folder, MANIFEST)} for the base alone")
     if is_base_checkpoint(path):
         base = BaseCheckpoint(path)
         if verify:
             base.check_files(checksums=True)
         return base, None
-    adapter = AdapterCheckpoint(path, verify=verify)
+    adapter = AdapterCheckpoint(path, verify=True)
     bad = diverged(adapter.tensors())
     if bad:
-        raise ValueError(f"refusing to export {adapter.path}: its factors diverged ({'; '.join(bad[:3])}); "
-                         "export an earlier checkpoint (give its step folder)")
+        raise CheckpointError(f"refusing to export {adapter.path}: its factors diverged ({'; '.join(bad[:3])}); "
+                              "export an earlier checkpoint (give its step folder)")
     return adapter.open_base(verify=verify, path=base_path), adapter
 
 
@@ -98,13 +141,13 @@ def _merged(module: str, w: torch.Tensor, factors: dict[str, torch.Tensor], s: f
 
 def export_merged(path: str, out: str, dtype: str | None = None, max_shard_bytes: int = 10**9,
                   overwrite: bool = False, verify: bool = True, progress: bool = True, base_path: str | None = None) -> str:
-    _check_out(out, overwrite)
+    check_output(out, overwrite)  # before any checksum of a 16 GB base
     base, adapter = open_checkpoint(path, verify, base_path)
     shape = base.shape
     cast = DTYPES[dtype] if dtype else None
     scaling = adapter.scaling if adapter is not None else 1.0
 
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite) as tmp:  # a full disk: DiskFullError
         writer = _ShardWriter(tmp, max_shard_bytes)
 
         def emit(hf_name: str, tensor: torch.Tensor) -> None:
@@ -163,10 +206,10 @@ def export_peft(path: str, out: str, dtype: str | None = None, overwrite: bool =
     s (B A - B0 A0), which is a rank-2r LoRA ``[B, -B0] [A; A0]`` with alpha doubled so
     that alpha / r stays s (the form PEFT's own PiSSA conversion writes).
     """
-    _check_out(out, overwrite)
+    check_output(out, overwrite)  # before any checksum of a 16 GB base
     base, adapter = open_checkpoint(path, verify, base_path)
     if adapter is None:
-        raise ValueError(f"{path} is a base checkpoint: there is no adapter to export (drop --adapter-only)")
+        raise ConfigError(f"{path} is a base checkpoint: there is no adapter to export (drop --adapter-only)")
     factors = adapter.tensors()
     peft = adapter.peft
     cast = DTYPES[dtype] if dtype else torch.float32
@@ -188,7 +231,7 @@ def export_peft(path: str, out: str, dtype: str | None = None, overwrite: bool =
         "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "use_rslora": False,
         "use_dora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
     }
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite) as tmp:  # a full disk: DiskFullError
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(config, f, indent=2)

@@ -198,3 +198,176 @@ def test_analysis_refuses_a_base_that_is_not_the_exports(trained, tmp_path):
             spectrum_report(str(tmp_path / "other"), progress=False, **kwargs)
     with pytest.raises(ValueError, match="is not the model .* was trained from"):
         evaluate(str(tmp_path / "other"), adapter_dir=adapter, progress=False)
+
+
+def _flip(path, count=256):
+    """Damage a file in place, keeping its size (what a bad disk or a stray write does)."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        block = f.read(count)
+        f.seek(os.path.getsize(path) // 2)
+        f.write(bytes(b ^ 0xFF for b in block))
+
+
+def _cli(argv, capsys):
+    """megatron_to_hf in this process: (exit status, stderr lines)."""
+    from milora_megatron.cli.megatron_to_hf import main
+
+    capsys.readouterr()
+    code = main(argv)
+    return code, capsys.readouterr().err.splitlines()
+
+
+def test_no_verify_skips_only_the_bases_checksums(trained, tmp_path, capsys):
+    """A flipped byte in an adapter checkpoint is refused with --no-verify too (before: it was
+    exported, as entries of 1e37)."""
+    import shutil
+
+    from milora_megatron.convert.exporter import export_merged, export_peft
+    from milora_megatron.errors import CheckpointError
+
+    root, _, _ = trained
+    run = shutil.copytree(root / "runs" / "milora_branch", tmp_path / "run")
+    damaged = run / "checkpoints" / "step_0000003" / "adapter-stage000.safetensors"
+    size = os.path.getsize(damaged)
+    _flip(damaged)
+    assert os.path.getsize(damaged) == size
+    for export in (lambda out: export_merged(str(run), out, verify=False, progress=False),
+                   lambda out: export_peft(str(run), out, verify=False)):
+        with pytest.raises(CheckpointError, match=f"{damaged} does not match its checksum"):
+            export(str(tmp_path / "out"))
+    code, err = _cli(["--ckpt", str(run), "--out", str(tmp_path / "out"), "--no-verify", "--quiet"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("megatron_to_hf: error: ") and str(damaged) in err[0] and "checksum" in err[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    # the base's own checksums are what --no-verify skips: a flipped base layer goes through it
+    base = shutil.copytree(root / "ckpt", tmp_path / "ckpt")
+    _flip(base / "layer-00001.safetensors", count=16)
+    with pytest.raises(CheckpointError, match="layer-00001.safetensors does not match its checksum"):
+        export_merged(str(base), str(tmp_path / "out"), progress=False)
+    export_merged(str(base), str(tmp_path / "out"), verify=False, progress=False)
+
+
+def test_a_base_folder_that_holds_a_run_is_refused(trained, tmp_path, capsys):
+    """Before: the untouched base was exported without a word. Now: one line, and the two
+    explicit ways (the step folder, the base's manifest) export what they name."""
+    import shutil
+
+    from milora_megatron.checkpoint.base import MANIFEST
+    from milora_megatron.convert.exporter import export_merged, export_peft
+    from milora_megatron.errors import CheckpointError
+
+    root, _, _ = trained
+    both = shutil.copytree(root / "ckpt", tmp_path / "both")
+    shutil.copytree(root / "runs" / "lora_branch" / "checkpoints", both / "checkpoints")
+    step = both / "checkpoints" / "step_0000003"
+    for export in (lambda out: export_merged(str(both), out, progress=False), lambda out: export_peft(str(both), out)):
+        with pytest.raises(CheckpointError) as refused:
+            export(str(tmp_path / "out"))
+        text = str(refused.value)
+        assert text.startswith(f"{both} is a base checkpoint and also holds a training run (checkpoints/ (step_0000003))")
+        assert f"give the step folder (e.g. {step})" in text and str(both / MANIFEST) in text
+    code, err = _cli(["--ckpt", str(both), "--out", str(tmp_path / "out"), "--quiet"], capsys)
+    assert code == 2 and len(err) == 1 and str(both) in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "out").exists()
+
+    adapter = export_merged(str(step), str(tmp_path / "adapter"), progress=False)
+    with open(os.path.join(adapter, "milora_export.json")) as f:
+        assert json.load(f)["adapter_checkpoint"] == str(step)
+    alone = export_merged(str(both / MANIFEST), str(tmp_path / "base"), progress=False)
+    with open(os.path.join(alone, "milora_export.json")) as f:
+        info = json.load(f)
+    assert info["base_checkpoint"] == str(both) and "adapter_checkpoint" not in info
+    with open(os.path.join(alone, "model.safetensors"), "rb") as f, \
+         open(os.path.join(export_merged(str(root / "ckpt"), str(tmp_path / "plain"), progress=False),
+                           "model.safetensors"), "rb") as g:
+        assert f.read() == g.read()  # the plain base exports as before, and the same
+
+    # the other marks of a run written into the folder; a model's own config.json is none
+    shutil.rmtree(both / "checkpoints")
+    (both / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    export_merged(str(both), str(tmp_path / "hf_config_is_no_run"), progress=False)
+    (both / "config.json").write_text(json.dumps({"model": {}, "peft": {"method": "lora"}, "train": {"iters": 3}}))
+    with pytest.raises(CheckpointError, match=r"holds a training run \(config.json\).*checkpoints/step_N"):
+        export_merged(str(both), str(tmp_path / "out"), progress=False)
+    (both / "config.json").unlink()
+    (both / "run.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"holds a training run \(run.json\)"):
+        export_merged(str(both), str(tmp_path / "out"), progress=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> (an empty folder, whether it is a tmpfs of ``size`` bytes): False where
+    none can be mounted (not root, no mount); unmounted afterwards."""
+    import shutil
+    import subprocess
+
+    mounted = []
+
+    def mount(size):
+        folder = tmp_path / "disk"
+        folder.mkdir()
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            return folder, False
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            return folder, False
+        mounted.append(folder)
+        return folder, True
+
+    yield mount
+    for folder in mounted:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+_ENOSPC_CLI = """
+import errno, sys
+import milora_megatron.convert.exporter as exporter
+from milora_megatron.cli.megatron_to_hf import main
+
+def save_file(tensors, path, metadata=None):
+    raise OSError(errno.ENOSPC, "No space left on device", path)
+
+exporter.save_file = save_file
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_export(trained, tmp_path, small_disk):
+    """An export that runs out of space: exit 2, one line naming --out and "no space left on
+    device", no traceback, and the export it was to replace (--overwrite) untouched."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from paths import ROOT
+
+    from milora_megatron.convert.exporter import export_merged
+
+    root, _, _ = trained
+    run = str(root / "runs" / "lora_branch")
+    measured = export_merged(run, str(tmp_path / "measure"), progress=False)
+    pages = sum(-(-os.path.getsize(os.path.join(measured, n)) // 4096) for n in os.listdir(measured))
+    disk, real = small_disk(pages * 4096 * 3 // 2)  # room for one export, not for a second beside it
+    out = disk / "out"
+    export_merged(run, str(out), progress=False)
+
+    def contents():
+        return {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in sorted(os.listdir(out))}
+
+    before = contents()
+    cmd = ["--ckpt", run, "--out", str(out), "--overwrite", "--quiet"]
+    if real:
+        cmd = [sys.executable, os.path.join(ROOT, "tools", "convert", "megatron_to_hf.py"), *cmd]
+    else:  # no tmpfs here: the writer fails as a full disk makes it fail
+        cmd = [sys.executable, "-c", _ENOSPC_CLI, *cmd]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr[-3000:]
+    assert err[0].startswith(f"megatron_to_hf: error: {out}: no space left on device"), err
+    assert "Traceback" not in done.stderr
+    assert contents() == before  # the earlier export survives
+    assert sorted(os.listdir(out.parent)) == ["out"]  # no .partial or .replaced left behind
