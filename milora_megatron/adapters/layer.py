@@ -97,6 +97,10 @@ class _AdapterHost:
             return F.dropout(x, self.adapter_dropout, training=True)
 
     def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``adapter_deltas`` interleaved into the linear's output rows."""
+        return self.adapter_layout.combine(self.adapter_deltas(x))
+
+    def adapter_deltas(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """s (B A x' - B0 A0 x) per adapter (x' = dropout(x); the B0 A0 term only in branch
         mode), interleaved into the linear's output rows.
 
@@ -148,9 +152,9 @@ class _AdapterHost:
             else:
                 d = h_i @ b.to(h_i.dtype).t()
             deltas[name] = d * ad.scaling
-        return self.adapter_layout.combine(deltas)
+        return deltas
 
-    def base_restoring_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+    def base_restoring_deltas(self, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """+s*B0*A0 x for adapters whose residual was merged into W: with it, a disabled
         adapter gives the original model back in both residual modes."""
         merged = [(n, ad) for n, ad in self.adapters.items() if ad.lora_A0 is not None and not ad.residual_branch]
@@ -160,16 +164,14 @@ class _AdapterHost:
         if self.adapter_shard_dim == 0 and self.sequence_parallel and self._tp_size > 1:
             h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=self.tp_group)
         hs = torch.split(h, [ad.lora_A0.shape[0] for _, ad in merged], dim=-1)
-        return self.adapter_layout.combine(
-            {n: ad.scaling * (h_i @ ad.lora_B0.to(h_i.dtype).t()) for (n, ad), h_i in zip(merged, hs)}
-        )
+        return {n: ad.scaling * (h_i @ ad.lora_B0.to(h_i.dtype).t()) for (n, ad), h_i in zip(merged, hs)}
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         out = super()._forward_impl(input, weight, *args, **kwargs)
         if len(self.adapters) == 0:
             return out
-        delta = self.adapter_delta(input) if self.adapters_enabled else self.base_restoring_delta(input)
-        return out if delta is None else out + delta.to(out.dtype)
+        deltas = self.adapter_deltas(input) if self.adapters_enabled else self.base_restoring_deltas(input)
+        return out if deltas is None else self.adapter_layout.add_into(out, deltas)
 
 
 class AdaptedColumnParallelLinear(_AdapterHost, ColumnParallelLinear):

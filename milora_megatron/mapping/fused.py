@@ -107,6 +107,21 @@ class FusedLayout:
         offset, rows = self._offset(target)
         return weight.view(self.groups, self.group_rows, -1)[:, offset : offset + rows]
 
+    def add_into(self, out: torch.Tensor, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``out`` (..., this layout's rows) plus each target's output (..., groups * rows) at
+        that target's rows, added in place into views of ``out``: an untargeted piece (gate
+        beside a targeted up) costs nothing, where ``out + combine(...)`` would build a
+        full-width, zero-padded delta. ``combine`` with a zero base, without the zeros."""
+        if len(self.pieces) == 1:
+            (d,) = outputs.values()
+            return out + d.to(out.dtype)
+        lead = out.shape[:-1]
+        grouped = out.view(*lead, self.groups, self.group_rows)
+        for name, d in outputs.items():
+            offset, rows = self._offset(name)
+            grouped[..., offset : offset + rows] += d.to(out.dtype).view(*lead, self.groups, rows)
+        return out
+
     def combine(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-target outputs (..., groups * rows) interleaved into this layout's rows; a
         missing target contributes zeros."""

@@ -115,6 +115,10 @@ def transformer_config(shape: LlamaShape, tp: int = 1, pp: int = 1, sp: bool = F
         perform_initialization=perform_initialization,
         gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
         pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        # megatron's fused SwiGLU (no transformer-engine needed: a compiled kernel that keeps
+        # the fc1 output, not silu's intermediate, for backward) on a GPU; on the CPU the plain
+        # one, which the tests' references use (forward equal in fp32, backward to rounding)
+        bias_activation_fusion=torch.device(device).type == "cuda",
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, **_recompute_settings(recompute),
     )

@@ -15,15 +15,28 @@ class Batch:
     mask: torch.Tensor  # [b, s] 1 where the label is scored
     positions: torch.Tensor | None = None  # [b, s] packed: each input's position in its own example
 
+    def to(self, device: torch.device) -> "Batch":
+        """The batch on ``device``: through pinned memory without blocking the host on a GPU
+        (the step's micro-batches are moved once, before the schedule), as is on the CPU. A
+        packed batch's attention mask is then built where its positions are, on the device."""
+        if torch.device(device).type == "cpu":
+            return self
+        move = lambda t: None if t is None else t.pin_memory().to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.tokens), move(self.labels), move(self.mask), move(self.positions))
+
     def attention_mask(self) -> torch.Tensor | None:
-        """Packed samples: [b, 1, s, s], True where attention is NOT allowed (megatron's
-        convention): across examples or to the future. None: plain causal attention."""
-        if self.positions is None:
-            return None
-        example = torch.cumsum(self.positions == 0, dim=1)  # example index of every token
-        s = example.shape[1]
-        future = torch.ones(s, s, dtype=torch.bool, device=example.device).triu(1)
-        return ((example.unsqueeze(2) != example.unsqueeze(1)) | future).unsqueeze(1)
+        """Packed samples: see ``packed_attention_mask``. None: plain causal attention."""
+        return None if self.positions is None else packed_attention_mask(self.positions)
+
+
+def packed_attention_mask(positions: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s], True where attention is NOT allowed (megatron's convention): across
+    examples (positions restart at 0 per example) or to the future. Built on the device of
+    ``positions``: nothing of size s x s crosses from the host."""
+    example = torch.cumsum(positions == 0, dim=1)  # example index of every token
+    s = example.shape[1]
+    future = torch.ones(s, s, dtype=torch.bool, device=example.device).triu(1)
+    return ((example.unsqueeze(2) != example.unsqueeze(1)) | future).unsqueeze(1)
 
 
 def make_batch(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None) -> Batch:
@@ -44,6 +57,12 @@ def micro_batches(tokens: torch.Tensor, masks: torch.Tensor, indices: list[int],
     return [make_batch(pick(tokens, i), pick(masks, i), pick(positions, i)) for i in range(0, len(indices), micro_batch)]
 
 
+def scored_labels(masks: torch.Tensor, indices: list[int]) -> float:
+    """Scored label positions (mask 1, after the shift) of the samples at ``indices``: every
+    rank holds every sample, so the global batch's count needs no collective."""
+    return float(masks[indices][:, 1:].sum())
+
+
 class SampleOrder:
     """Epoch-wise permutations seeded by (seed, epoch); a step's global batch is cut into
     data-parallel shards, each into micro-batches. Position = samples consumed (resumable)."""
@@ -58,6 +77,10 @@ class SampleOrder:
             gen = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
             self._perm, self._perm_epoch = torch.randperm(self.num_samples, generator=gen), epoch
         return int(self._perm[offset])
+
+    def global_indices(self, position: int, global_batch: int) -> list[int]:
+        """Every sample of the step's global batch (all data-parallel shards)."""
+        return [self._index(p) for p in range(position, position + global_batch)]
 
     def step_indices(self, position: int, global_batch: int, dp_rank: int, dp_size: int) -> list[int]:
         per_rank = global_batch // dp_size

@@ -61,7 +61,11 @@ class TrainConfig:
     eval_every: int = option(100, "validation / forgetting every N steps (and at the end); 0: only at the end")
     eval_batches: int = option(8, "micro-batches per evaluation")
     log_every: int = option(1, "console line and metrics.jsonl record every N steps")
-    recompute: str = option("none", "activation recompute: none | selective (core attention) | full (every layer)")
+    recompute: str = option("none", "activation recompute: none | selective (megatron's core-attention recompute: "
+                                    "with SDPA's flash / cuDNN / memory-efficient kernels no s x s scores are "
+                                    "stored, so it saves next to nothing; it matters only for the explicit-mask "
+                                    "math path) | full (every layer's input kept, the layer recomputed: the "
+                                    "setting that saves memory)")
 
 
 @dataclass

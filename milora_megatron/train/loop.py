@@ -34,7 +34,7 @@ from ..errors import CheckpointError, ConfigError, DataError, DiskFullError, Run
 from ..device import all_reduce_scalars, resolve_device, resolve_dtype
 from ..models.llama import build_gpt, transformer_config
 from ..data import text_samples, to_samples, tokenize_examples
-from .batches import SampleOrder, micro_batches, sample_parts
+from .batches import SampleOrder, micro_batches, sample_parts, scored_labels
 from .config import RunConfig
 from .evaluation import eval_micro_batches, forgetting_loss, validation_loss
 from .gradients import LossScale, clip_, global_grad_norm, reduce_over_data_parallel, unscale_
@@ -42,7 +42,7 @@ from .metrics import MetricsLog
 from .sinks import TensorBoardSink, WandbSink
 from .parallel import ParallelGroups, init_distributed, seed_per_replica
 from .run_folder import prepare
-from .pipeline import masked_loss_step, run_schedule, scored_tokens, sums_from_last_stage
+from .pipeline import last_stage_totals, masked_loss_step, run_schedule
 from .schedule import lr_at
 from .state import (gather_moments, install_moments, load_moments, load_state, prune, set_rng_state, state_writer,
                     write_moments)
@@ -356,19 +356,22 @@ class Trainer:
         start = time.time()
         indices = self.order.step_indices(self.position, t.global_batch, g.dp_rank, g.dp_size)
         tokens, masks, positions = sample_parts(self.data.train)
-        batches = micro_batches(tokens, masks, indices, t.micro_batch, positions)
-        tokens = scored_tokens(batches, g)
+        # the step's micro-batches go to the device once, before the schedule (pinned, not
+        # blocking); the global batch's scored tokens are counted on the host, no collective
+        batches = [b.to(self.device) for b in micro_batches(tokens, masks, indices, t.micro_batch, positions)]
+        tokens = scored_labels(masks, self.order.global_indices(self.position, t.global_batch))
         self.model.train()
         for p in self.params:
             p.grad = None
         scale = self.loss_scale.scale
         step = masked_loss_step(tokens, len(batches), loss_scale=scale)
         results = run_schedule(self.model, batches, step, t.seq_len, t.micro_batch, forward_only=False)
-        loss = sums_from_last_stage(results, ["loss_sum"], g)[0]
+        loss_t = last_stage_totals(results, ["loss_sum"], g)
         reduce_over_data_parallel(self.params, g.dp, g.dp_size)
         unscale_(self.params, scale)
         norm_t = global_grad_norm(self.params, g.mp)
-        norm = norm_t.item()  # the step's one host sync on the gradients
+        # the step's one host sync: the loss and the gradient norm together
+        loss, norm = torch.stack([loss_t[0], norm_t.to(loss_t.device, torch.float64)]).tolist()
         lr = lr_at(self.step, self.total, t.lr, t.warmup, t.schedule, t.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ..device import all_reduce_scalars, collective_device
-from .batches import Batch
+from .batches import Batch, packed_attention_mask
 from .parallel import ParallelGroups
 
 
@@ -26,7 +26,8 @@ def forward(model, batch: Batch, labels: bool):
     if batch.positions is None:
         positions, mask = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens), None
     else:
-        positions, mask = batch.positions.to(device, non_blocking=True), batch.attention_mask().to(device)
+        positions = batch.positions.to(device, non_blocking=True)
+        mask = packed_attention_mask(positions)
     return model(tokens, positions, mask, labels=batch.labels.to(device, non_blocking=True) if labels else None)
 
 
@@ -40,7 +41,7 @@ def masked_loss_step(tokens: float, num_micro: int, loss_scale: float = 1.0) -> 
         out = forward(model, batch, labels=True)
 
         def loss_func(per_token):
-            share = (per_token.float() * batch.mask.to(per_token.device)).sum() / tokens
+            share = (per_token.float() * batch.mask.to(per_token.device, non_blocking=True)).sum() / tokens
             # megatron divides each micro-batch's loss by their number; undo it so the sum is exact
             return share * (loss_scale * num_micro), {"loss_sum": share.detach()}
 
@@ -70,6 +71,12 @@ def run_schedule(model, items: Sequence, step: Callable, seq_len: int, micro_bat
 def sums_from_last_stage(results: list[dict], keys: Sequence[str], groups: ParallelGroups) -> list[float]:
     """Sum ``keys`` over the micro-batches and the data-parallel replicas, and give the last
     pipeline stage's totals to every stage: one reduction, one broadcast, one host sync."""
+    return last_stage_totals(results, keys, groups).tolist()
+
+
+def last_stage_totals(results: list[dict], keys: Sequence[str], groups: ParallelGroups) -> torch.Tensor:
+    """``sums_from_last_stage`` as a tensor on the collective device, without the host sync
+    (the caller reads it together with whatever else the step needs)."""
     device = collective_device(groups.dp)
     if results:
         totals = torch.stack([torch.stack([r[k].to(torch.float64) for k in keys]) for r in results]).sum(0)
@@ -79,4 +86,4 @@ def sums_from_last_stage(results: list[dict], keys: Sequence[str], groups: Paral
     if dist.is_initialized():
         dist.all_reduce(totals, group=groups.dp)
         dist.broadcast(totals, src=groups.pp_last_rank, group=groups.pp)
-    return totals.tolist()
+    return totals

@@ -50,3 +50,30 @@ def test_packed_attention_stays_inside_each_example():
     allowed = [[j for j in range(7) if not blocked[i, j]] for i in range(7)]
     assert allowed == [[0], [0, 1], [2], [2, 3], [2, 3, 4], [5], [5, 6]]
     assert make_batch(tokens, torch.ones(1, 8)).attention_mask() is None
+
+
+def test_the_global_scored_count_needs_no_collective():
+    """Every rank holds every sample: the global batch's scored labels, counted on the host,
+    equal the sum of each data-parallel shard's micro-batches (what an all-reduce gave)."""
+    from milora_megatron.train.batches import SampleOrder, micro_batches, scored_labels
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (20, 9), generator=gen)
+    masks = (torch.rand(20, 9, generator=gen) > 0.4).long()
+    order = SampleOrder(20, seed=3)
+    for position in (0, 16, 36):  # across an epoch boundary too
+        shards = [order.step_indices(position, 8, r, 4) for r in range(4)]
+        by_shard = sum(float(b.mask.sum()) for s in shards for b in micro_batches(tokens, masks, s, 1))
+        assert scored_labels(masks, order.global_indices(position, 8)) == by_shard
+
+
+def test_a_packed_mask_is_built_from_positions_where_they_are():
+    from milora_megatron.train.batches import make_batch, packed_attention_mask
+
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    batch = make_batch(torch.zeros(1, 7, dtype=torch.long), torch.ones(1, 7), torch.cat([positions, positions[:, :1]], 1))
+    mask = packed_attention_mask(positions)[0, 0]
+    assert torch.equal(batch.attention_mask()[0, 0], mask)
+    allowed = ~mask
+    assert allowed[4].tolist() == [False, False, False, True, True, False]  # its own example, causally
+    assert batch.to(torch.device("cpu")) is batch  # the CPU path moves nothing

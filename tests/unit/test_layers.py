@@ -36,3 +36,28 @@ def test_rmsnorm_matches_transformers(dtype):
             ulp = torch.finfo(torch.bfloat16).eps * yb.float().abs().clamp_min(1e-30)
             assert ((ya.float() - yb.float()).abs() <= ulp).all()
             assert torch.allclose(xa.grad.float(), xb.grad.float(), rtol=2e-2, atol=2e-2 / scale)
+
+
+def test_the_fused_swiglu_is_used_on_a_gpu_and_agrees_with_the_plain_one():
+    """models/llama.py turns on megatron's bias_swiglu fusion for GPU runs only; here its
+    kernel (compiled on the CPU too) against the plain SiLU(y1) * y2 the CPU path runs."""
+    import torch.nn.functional as F
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+
+    from milora_megatron.models.llama import LlamaShape, transformer_config
+    from milora_megatron.models.tiny_hf import hf_config
+
+    shape = LlamaShape.from_hf_config(hf_config().to_dict())
+    assert transformer_config(shape, device="cuda").bias_activation_fusion
+    assert not transformer_config(shape, device="cpu").bias_activation_fusion
+    torch.manual_seed(0)
+    y = torch.randn(64, 2, 256)
+    ya, yb = y.clone().requires_grad_(), y.clone().requires_grad_()
+    fused = bias_swiglu_impl(ya, None, False, False)
+    y1, y2 = torch.chunk(yb, 2, -1)
+    plain = F.silu(y1) * y2
+    g = torch.randn_like(plain)
+    fused.backward(g)
+    plain.backward(g)
+    assert torch.equal(fused, plain)
+    torch.testing.assert_close(ya.grad, yb.grad, rtol=1e-5, atol=1e-5)

@@ -90,3 +90,18 @@ def test_tp_not_dividing_what_it_splits():
         fc1.shard(torch.zeros(20, 6), 4, 0)
     with pytest.raises(ValueError, match=r"TP size 4 does not divide the 10 input columns"):
         layouts["mlp.linear_fc2"].shard(torch.zeros(6, 10), 4, 0)
+
+
+def test_add_into_adds_each_target_at_its_rows_in_place():
+    """adapters add their deltas into views of the linear's output: the same as adding
+    combine()'s zero-padded delta, without building it (fc1 with only up_proj targeted)."""
+    for module, tp in (("mlp.linear_fc1", 2), ("self_attention.linear_qkv", 2)):
+        local = layer_layouts(HEADS, KV, HD, FFN, HIDDEN)[module].local(tp)
+        gen = torch.Generator().manual_seed(3)
+        base = torch.randn(4, 3, local.rows, generator=gen)
+        targets = [p for p, _ in local.pieces][1:]  # all but the first piece (gate, q)
+        deltas = {p: torch.randn(4, 3, local.groups * rows, generator=gen) for p, rows in local.pieces if p in targets}
+        expected = base + local.combine(deltas)
+        out = base.clone()
+        assert local.add_into(out, deltas) is out  # in place
+        assert torch.equal(out, expected)
