@@ -11,7 +11,7 @@ import os
 import shutil
 import struct
 
-from ..errors import OutputError, OutputExistsError, as_user_error
+from ..errors import CheckpointError, MissingPathError, OutputError, OutputExistsError, as_user_error
 
 PARTIAL_SUFFIX = ".partial"
 REPLACED_SUFFIX = ".replaced"
@@ -103,12 +103,12 @@ def _commit(tmp: str, final: str) -> None:
 
 
 def read_json(path: str):
-    """A JSON file, or a ValueError naming it."""
+    """A JSON file, or a CheckpointError naming it."""
     with open(path) as f:
         try:
             return json.load(f)
         except ValueError as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc})") from None
+            raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
 
 
 def check_recorded_files(folder: str, records: dict, checksums: bool, what: str, only=None) -> None:
@@ -120,14 +120,14 @@ def check_recorded_files(folder: str, records: dict, checksums: bool, what: str,
             continue
         full = os.path.join(folder, name)
         if not os.path.isfile(full):
-            raise FileNotFoundError(f"{what} file {full} is missing (interrupted or damaged)")
+            raise MissingPathError(f"{what} file {full} is missing (interrupted or damaged)")
         if os.path.getsize(full) != record["bytes"]:
-            raise ValueError(f"{what} file {full} has {os.path.getsize(full)} bytes, expected {record['bytes']} "
+            raise CheckpointError(f"{what} file {full} has {os.path.getsize(full)} bytes, expected {record['bytes']} "
                              "(truncated or replaced)")
         if name.endswith(".safetensors"):
             safetensors_header(full)
         if checksums and sha256_file(full) != record["sha256"]:
-            raise ValueError(f"{what} file {full} does not match its checksum (changed since it was written)")
+            raise CheckpointError(f"{what} file {full} does not match its checksum (changed since it was written)")
 
 
 def check_writable(final: str) -> None:
@@ -182,15 +182,18 @@ def safetensors_header(path: str) -> dict:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise ValueError(f"truncated safetensors file {path}: {size} bytes, no header")
+            raise CheckpointError(f"truncated safetensors file {path}: {size} bytes, no header")
         (n,) = struct.unpack("<Q", raw)
         if 8 + n > size:
-            raise ValueError(f"truncated safetensors file {path}: header needs {8 + n} bytes, file has {size}")
+            raise CheckpointError(f"truncated safetensors file {path}: header needs {8 + n} bytes, file has {size}")
         try:
             header = json.loads(f.read(n))
         except ValueError as exc:
-            raise ValueError(f"corrupt safetensors header in {path}: {exc}") from exc
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            raise CheckpointError(f"corrupt safetensors header in {path}: {exc}") from exc
+    try:
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError) as exc:
+        raise CheckpointError(f"corrupt safetensors header in {path}: no tensor offsets ({exc!r})") from None
     if 8 + n + end > size:
-        raise ValueError(f"truncated safetensors file {path}: {size} bytes, its header needs {8 + n + end}")
+        raise CheckpointError(f"truncated safetensors file {path}: {size} bytes, its header needs {8 + n + end}")
     return header
