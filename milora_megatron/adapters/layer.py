@@ -69,6 +69,52 @@ class TargetAdapter(torch.nn.Module):
         return f"r={r}, in={n_in}, out={self.lora_B.shape[0]}, scaling={self.scaling}, residual_branch={self.residual_branch}"
 
 
+class _FactorMatmul(torch.autograd.Function):
+    """``x @ w^T`` for an fp32 master factor ``w`` and lower-precision activations ``x``: the
+    forward and the input gradient in the activation dtype, the factor's gradient accumulated
+    and returned in fp32 (as megatron's fused weight-gradient accumulation does), not
+    rounded to bf16 first. On a GPU one bf16 GEMM with fp32 output (``out_dtype``), else
+    an fp32 GEMM of the upcast operands (bf16 values are exact in fp32)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        w_low = w.to(x.dtype)
+        ctx.save_for_backward(x, w_low)
+        return x @ w_low.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w_low = ctx.saved_tensors
+        grad_x = grad @ w_low if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+            grad_w = _fp32_out_mm(g2.t(), x2)
+        return grad_x, grad_w
+
+
+_OUT_DTYPE_MM = {"usable": None}  # whether torch.mm(..., out_dtype=float32) works here (decided once)
+
+
+def _fp32_out_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.is_cuda and _OUT_DTYPE_MM["usable"] is not False:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _OUT_DTYPE_MM["usable"] = True
+            return out
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_MM["usable"] = False
+    return a.float() @ b.float()
+
+
+def factor_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w^T`` with ``w`` an fp32 factor (or a difference of factors): a plain matmul in
+    fp32; for bf16/fp16 activations the factor's gradient stays fp32 (``_FactorMatmul``)."""
+    if x.dtype == w.dtype or not w.requires_grad:
+        return x @ w.to(x.dtype).t()
+    return _FactorMatmul.apply(x, w)
+
+
 class _AdapterHost:
     """Adapter state and the delta computation, shared by the two parallel linears."""
 
@@ -125,7 +171,7 @@ class _AdapterHost:
         a = torch.cat(rows) if len(rows) > 1 else rows[0]
         if column and self.sequence_parallel and tp > 1:
             a = copy_to_tensor_model_parallel_region(a, group=self.tp_group)  # dA: sum over chunks (fp32)
-        h = self._dropout(x) @ a.to(x.dtype).t()
+        h = factor_matmul(self._dropout(x), a)
         if branch:
             a0 = torch.cat([self.adapters[n].lora_A0 for n in branch])
             h = torch.cat([h, x @ a0.to(x.dtype).t()], dim=-1)
@@ -148,9 +194,9 @@ class _AdapterHost:
                 drift = h_i + (h0d[name] - h0[name]) if name in h0d else h_i
                 stacked_h = torch.cat([drift, h0[name]], dim=-1)
                 stacked_b = torch.cat([b, b - ad.lora_B0], dim=1)
-                d = stacked_h @ stacked_b.to(h_i.dtype).t()
+                d = factor_matmul(stacked_h, stacked_b)
             else:
-                d = h_i @ b.to(h_i.dtype).t()
+                d = factor_matmul(h_i, b)
             deltas[name] = d * ad.scaling
         return deltas
 
