@@ -106,4 +106,7 @@ def test_installed_commands_and_the_run_plot(tiny, tmp_path):
     curves = read_run(runs[0])
     assert curves["loss"] == ([1, 2, 3], losses(runs[0])) and "milora r=4" in curves["label"]
     proc = subprocess.run([os.path.join(BIN, "milora-plot-run"), str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "run folder" in proc.stderr and "does not exist" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([os.path.join(BIN, "milora-plot-run"), str(tmp_path / "empty")], capture_output=True, text=True)
     assert proc.returncode == 2 and "has no metrics.jsonl" in proc.stderr
