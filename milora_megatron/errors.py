@@ -93,3 +93,16 @@ def as_user_error(exc: BaseException, path: str | None = None) -> BaseException:
         named = next((e.filename for e in _chain(exc) if isinstance(e, OSError) and e.filename), None)
         return DiskFullError(path or named or "the output")
     return exc
+
+
+def exit_with(exc: BaseException, tool: str, path: str | None = None) -> int:
+    """For a command-line tool's ``except Exception``: a user error (a full disk among them,
+    ``path`` naming what was being written) printed as one line, ``<tool>: error: ...``, and
+    its exit code returned; anything else re-raised with its own traceback (a bug)."""
+    import sys
+
+    error = as_user_error(exc, path)
+    if not isinstance(error, UserError):
+        raise exc
+    print(f"{tool}: error: {' '.join(str(error).splitlines())}", file=sys.stderr)
+    return error.exit_code

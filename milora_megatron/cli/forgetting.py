@@ -92,7 +92,7 @@ def main(argv=None) -> int:
 
     from milora_megatron.analysis.forgetting import evaluate
     from milora_megatron.analysis.outputs import write_json
-    from milora_megatron.errors import UserError, as_user_error
+    from milora_megatron.errors import exit_with
 
     try:
         result = evaluate(args.base, finetuned_dir=args.merged, adapter_dir=args.adapter,
@@ -108,12 +108,8 @@ def main(argv=None) -> int:
         if args.out_json:
             write_json(args.out_json, result)
             print(f"results written: {args.out_json}")
-    except Exception as exc:  # the user's errors (a full disk among them) are one line; a bug keeps its traceback
-        error = as_user_error(exc)
-        if not isinstance(error, UserError):
-            raise
-        print(f"forgetting: error: {' '.join(str(error).splitlines())}", file=sys.stderr)
-        return error.exit_code
+    except Exception as exc:  # the user's errors are one line; a bug keeps its traceback
+        return exit_with(exc, "forgetting")
     return 0
 
 

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from milora_megatron.convert.importer import convert_hf_to_megatron
-    from milora_megatron.errors import UserError, as_user_error
+    from milora_megatron.errors import exit_with
 
     for flag, value in (("--tp", args.tp), ("--pp", args.pp)):
         if value < 1:
@@ -42,12 +42,8 @@ def main(argv=None) -> int:
     try:
         out = convert_hf_to_megatron(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.overwrite,
                                      progress=not args.quiet, revision=args.revision)
-    except Exception as exc:  # the user's errors (a full disk among them) are one line; a bug keeps its traceback
-        error = as_user_error(exc)
-        if not isinstance(error, UserError):
-            raise
-        print(f"hf_to_megatron: error: {' '.join(str(error).splitlines())}", file=sys.stderr)
-        return error.exit_code
+    except Exception as exc:  # the user's errors are one line; a bug keeps its traceback
+        return exit_with(exc, "hf_to_megatron")
     print(f"base checkpoint written: {out}")
     return 0
 

@@ -25,7 +25,7 @@ import os
 import re
 import sys
 
-from milora_megatron.errors import UserError, as_user_error
+from milora_megatron.errors import exit_with
 
 
 def parse_size(text: str) -> int:
@@ -65,12 +65,8 @@ def main(argv=None) -> int:
         else:
             out = export_merged(args.ckpt, args.out, args.dtype, args.max_shard_size, args.overwrite,
                                 verify=not args.no_verify, progress=not args.quiet, base_path=args.base)
-    except Exception as exc:  # a UserError, or a full disk that arrived as another error; else a bug: traceback
-        user = as_user_error(exc, os.path.abspath(args.out))
-        if not isinstance(user, UserError):
-            raise
-        print(f"megatron_to_hf: error: {user}", file=sys.stderr)
-        return user.exit_code
+    except Exception as exc:  # the user's errors are one line; a bug keeps its traceback
+        return exit_with(exc, "megatron_to_hf", os.path.abspath(args.out))
     print(f"{'PEFT adapter' if args.adapter_only else 'HF model'} written: {out}")
     return 0
 

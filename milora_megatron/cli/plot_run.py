@@ -18,16 +18,12 @@ def main(argv=None) -> int:
     if args.labels and len(args.labels) != len(args.runs):
         p.error(f"--labels gives {len(args.labels)} labels for {len(args.runs)} runs")
     from milora_megatron.analysis.run_curves import plot_runs
-    from milora_megatron.errors import UserError, as_user_error
+    from milora_megatron.errors import exit_with
 
     try:
         out = plot_runs(args.runs, args.out, args.labels)
-    except Exception as exc:  # the user's errors (a full disk among them) are one line; a bug keeps its traceback
-        error = as_user_error(exc)
-        if not isinstance(error, UserError):
-            raise
-        print(f"plot_run: error: {' '.join(str(error).splitlines())}", file=sys.stderr)
-        return error.exit_code
+    except Exception as exc:  # the user's errors are one line; a bug keeps its traceback
+        return exit_with(exc, "plot_run")
     print(f"wrote {out}")
     return 0
 

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     from milora_megatron.analysis.deltas import parse_layers, spectrum_report
     from milora_megatron.analysis.outputs import write_json
     from milora_megatron.convert.hf_folder import HFFolder
-    from milora_megatron.errors import UserError, as_user_error
+    from milora_megatron.errors import exit_with
 
     if args.rank is not None and args.rank < 1:
         p.error("--rank must be >= 1")
@@ -117,12 +117,8 @@ def main(argv=None) -> int:
 
             for path in plot_report(report, args.plot_dir):
                 print(f"plot written: {path}")
-    except Exception as exc:  # the user's errors (a full disk among them) are one line; a bug keeps its traceback
-        error = as_user_error(exc)
-        if not isinstance(error, UserError):
-            raise
-        print(f"spectrum: error: {' '.join(str(error).splitlines())}", file=sys.stderr)
-        return error.exit_code
+    except Exception as exc:  # the user's errors are one line; a bug keeps its traceback
+        return exit_with(exc, "spectrum")
     return 0
 
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from damage import flip
 from distributed import run_distributed
 from hf_tiny import FAMILIES, make_hf_llama
 
@@ -200,15 +201,6 @@ def test_analysis_refuses_a_base_that_is_not_the_exports(trained, tmp_path):
         evaluate(str(tmp_path / "other"), adapter_dir=adapter, progress=False)
 
 
-def _flip(path, count=256):
-    """Damage a file in place, keeping its size (what a bad disk or a stray write does)."""
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        block = f.read(count)
-        f.seek(os.path.getsize(path) // 2)
-        f.write(bytes(b ^ 0xFF for b in block))
-
-
 def _cli(argv, capsys):
     """megatron_to_hf in this process: (exit status, stderr lines)."""
     from milora_megatron.cli.megatron_to_hf import main
@@ -230,7 +222,7 @@ def test_no_verify_skips_only_the_bases_checksums(trained, tmp_path, capsys):
     run = shutil.copytree(root / "runs" / "milora_branch", tmp_path / "run")
     damaged = run / "checkpoints" / "step_0000003" / "adapter-stage000.safetensors"
     size = os.path.getsize(damaged)
-    _flip(damaged)
+    flip(damaged, count=256)
     assert os.path.getsize(damaged) == size
     for export in (lambda out: export_merged(str(run), out, verify=False, progress=False),
                    lambda out: export_peft(str(run), out, verify=False)):
@@ -242,7 +234,7 @@ def test_no_verify_skips_only_the_bases_checksums(trained, tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     # the base's own checksums are what --no-verify skips: a flipped base layer goes through it
     base = shutil.copytree(root / "ckpt", tmp_path / "ckpt")
-    _flip(base / "layer-00001.safetensors", count=16)
+    flip(base / "layer-00001.safetensors", count=16)
     with pytest.raises(CheckpointError, match="layer-00001.safetensors does not match its checksum"):
         export_merged(str(base), str(tmp_path / "out"), progress=False)
     export_merged(str(base), str(tmp_path / "out"), verify=False, progress=False)

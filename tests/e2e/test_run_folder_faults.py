@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from damage import flip
 from paths import ROOT
 from trainer_runs import TORCHRUN_WRAPPER, common, last_losses, make_inputs, records, run, torchrun, workers
 
@@ -24,15 +25,6 @@ def inputs(tmp_path_factory):
 def _args(inputs, out, **extra):
     root, ckpt = inputs
     return common(root, ckpt, out, **{"parallel.tp": 1, "train.global_batch": 2, "train.seq_len": 128, **extra})
-
-
-def _flip(path, count=2000):
-    """Damage a file in place, keeping its size (what a bad disk or a stray write does)."""
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        block = f.read(count)
-        f.seek(os.path.getsize(path) // 2)
-        f.write(bytes(b ^ 0xFF for b in block))
 
 
 def _events(out, name):
@@ -66,7 +58,7 @@ def test_a_damaged_newest_checkpoint_falls_back_and_says_so(inputs, tmp_path):
 
     out = tmp_path / "run"
     run(1, _args(inputs, out, **{"train.iters": 4, "output.save_every": 2, "output.keep_last": 3}))
-    _flip(out / "checkpoints" / "step_0000004" / "adapter-stage000.safetensors")
+    flip(out / "checkpoints" / "step_0000004" / "adapter-stage000.safetensors")
     with pytest.raises(ValueError, match="does not match its checksum"):  # before: exported weights of 5e3
         export_merged(str(out / "checkpoints" / "step_0000004"), str(tmp_path / "merged"), progress=False)
     run(1, _args(inputs, out, **{"train.iters": 6, "output.save_every": 2, "output.keep_last": 3}))
@@ -192,7 +184,7 @@ def test_one_run_per_folder_and_workers_stop_with_their_launcher(inputs, tmp_pat
 
 def test_a_damaged_base_checkpoint_is_refused_before_training(inputs, tmp_path):
     base = shutil.copytree(inputs[1], tmp_path / "ckpt")
-    _flip(base / "layer-00001.safetensors", count=64)
+    flip(base / "layer-00001.safetensors", count=64)
     root = inputs[0]
     text = run(1, common(root, str(base), tmp_path / "run", **{"parallel.tp": 1, "train.seq_len": 128}), ok=False)
     assert run.returncode != 0 and "the base checkpoint is damaged" in text and "layer-00001" in text
