@@ -37,6 +37,7 @@ Units, in order:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import glob
 import json
@@ -328,7 +329,7 @@ def section_sdpa(work: str, tiny: bool, emit) -> dict:
         for _ in range(3):
             sync()
             t0 = time.perf_counter()
-            with sdpa_kernel([backend]) if backend is not None else _nullcontext():
+            with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
                 out = once(mask)
             sync()
             times.append(time.perf_counter() - t0)
@@ -361,14 +362,6 @@ def section_sdpa(work: str, tiny: bool, emit) -> dict:
             result[backend.name.lower()] = {"available": True, "fwd_bwd_s": seconds,
                                             "rel_diff_vs_math": against(out, reference)}
     return result
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---- subspace init ------------------------------------------------------------------------
