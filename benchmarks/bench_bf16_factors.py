@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from milora_megatron.models.llama import LlamaShape  # noqa: E402
+from milora_megatron.models.decoder import DecoderShape  # noqa: E402
 from milora_megatron.train.config import load_config  # noqa: E402
 from milora_megatron.train.loop import Data, Trainer, setup  # noqa: E402
 from milora_megatron.train.synthetic import RandomBase, random_tokens  # noqa: E402
@@ -36,7 +36,7 @@ from milora_megatron.train.synthetic import RandomBase, random_tokens  # noqa: E
 MODES = ("fp32", "bf16", "bf16-factors")
 
 
-def run_mode(mode: str, args, shape: LlamaShape, out_dir: str) -> tuple[dict, dict]:
+def run_mode(mode: str, args, shape: DecoderShape, out_dir: str) -> tuple[dict, dict]:
     import torch.distributed as dist
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     if modes[0] != "fp32":
         p.error("the first mode must be fp32 (the reference)")
     h = args.hidden
-    shape = LlamaShape(layers=2, hidden=h, heads=h // 64 * 4, kv_heads=h // 64 * 2, ffn=2 * h, vocab=1024, max_seq=512)
+    shape = DecoderShape(layers=2, hidden=h, heads=h // 64 * 4, kv_heads=h // 64 * 2, ffn=2 * h, vocab=1024, max_seq=512)
     import tempfile
 
     results, reference = [], None

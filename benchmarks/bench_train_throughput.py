@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from milora_megatron.adapters.variants import get_variant  # noqa: E402
-from milora_megatron.models.llama import LlamaShape  # noqa: E402
+from milora_megatron.models.decoder import DecoderShape  # noqa: E402
 from milora_megatron.train.config import load_config  # noqa: E402
 from milora_megatron.train.loop import Data, Trainer, setup  # noqa: E402
 from milora_megatron.train.synthetic import RandomBase, random_tokens  # noqa: E402
@@ -59,7 +59,7 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def bench_method(method: str, args, shape: LlamaShape, out_dir: str) -> dict:
+def bench_method(method: str, args, shape: DecoderShape, out_dir: str) -> dict:
     steps = args.warmup_steps + args.steps
     overrides = [
         f"peft.method={method}", f"peft.rank={args.rank}", f"peft.alpha={get_variant(method).paper_alpha_per_rank * args.rank}",
@@ -132,7 +132,7 @@ def main() -> int:
     dims = dict(SMALL if args.small else LLAMA3_8B)
     if args.layers:
         dims["layers"] = args.layers
-    shape = LlamaShape(**dims)
+    shape = DecoderShape(**dims)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     rank0 = int(os.environ.get("RANK", "0")) == 0
     results = []

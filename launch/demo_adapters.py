@@ -37,7 +37,7 @@ def main() -> None:
     from milora_megatron.adapters import AdapterConfig
     from milora_megatron.adapters.apply import apply_adapters
     from milora_megatron.mapping import HF_TARGETS
-    from milora_megatron.models.llama import LlamaShape, build_gpt, transformer_config
+    from milora_megatron.models.decoder import DecoderShape, build_gpt, transformer_config
     from milora_megatron.train.parallel import init_distributed
 
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -46,7 +46,7 @@ def main() -> None:
     rank = dist.get_rank()
     say = print if rank == 0 else (lambda *a, **k: None)
 
-    shape = LlamaShape(layers=2, hidden=128, heads=8, kv_heads=4, ffn=256, vocab=256)
+    shape = DecoderShape(layers=2, hidden=128, heads=8, kv_heads=4, ffn=256, vocab=256)
     model = build_gpt(shape, transformer_config(shape, tp=tp))
     seq, batch = 32, 8
     gen = torch.Generator().manual_seed(args.seed)

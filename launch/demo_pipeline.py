@@ -48,12 +48,12 @@ def main() -> int:
     merged, peft = os.path.join(work, "hf_merged"), os.path.join(work, "peft_adapter")
 
     print("=== 1. tiny Llama in HF format (random weights, locally trained tokenizer)", flush=True)
-    from milora_megatron.models.tiny_hf import make_hf_llama, make_tokenizer
+    from milora_megatron.models.tiny_hf import make_hf_model, make_tokenizer
 
     texts = [line for line in open(os.path.join(DATA, "instructions.jsonl"))] + [open(os.path.join(DATA, "general.txt")).read()]
     from milora_megatron.data import PREAMBLE, PREAMBLE_INPUT, instruction_prompt
 
-    make_hf_llama(hf, tied=False, seed=0, layers=4, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=1024,
+    make_hf_model(hf, tied=False, seed=0, layers=4, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=1024,
                   max_shard_size="2MB")
     make_tokenizer(hf, texts + [PREAMBLE, PREAMBLE_INPUT] * 20, vocab=1024)
 

@@ -144,11 +144,11 @@ def free_memory() -> None:
 def tiny_llama(work: str) -> tuple[str, str]:
     """A tiny HF Llama (GQA, vocabulary not a multiple of 128) and its base checkpoint."""
     from milora_megatron.convert.importer import convert_hf_to_megatron
-    from milora_megatron.models.tiny_hf import make_hf_llama, make_tokenizer
+    from milora_megatron.models.tiny_hf import make_hf_model, make_tokenizer
 
     hf, ckpt = os.path.join(work, "hf"), os.path.join(work, "ckpt")
     if not os.path.exists(ckpt):
-        make_hf_llama(hf, tied=False, seed=5, vocab=300, layers=2, hidden=128, heads=4, kv_heads=2, ffn=256)
+        make_hf_model(hf, tied=False, seed=5, vocab=300, layers=2, hidden=128, heads=4, kv_heads=2, ffn=256)
         make_tokenizer(hf, ["a tiny corpus for a tiny tokenizer"] * 20, vocab=300)
         convert_hf_to_megatron(hf, ckpt, tp=1, pp=1, progress=False)
     return hf, ckpt
@@ -223,7 +223,7 @@ def section_trainer(work: str, tiny: bool, emit) -> dict:
 # ---- logits and branch mode ---------------------------------------------------------------
 def _megatron_model(ckpt: str, dtype: torch.dtype):
     from milora_megatron.checkpoint.base import BaseCheckpoint
-    from milora_megatron.models.llama import build_gpt, transformer_config
+    from milora_megatron.models.decoder import build_gpt, transformer_config
 
     base = BaseCheckpoint(ckpt)
     device = ensure_distributed()
@@ -234,7 +234,7 @@ def _megatron_model(ckpt: str, dtype: torch.dtype):
 
 
 def _megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    from milora_megatron.models.llama import gather_logits
+    from milora_megatron.models.decoder import gather_logits
 
     with torch.no_grad():
         pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
@@ -249,7 +249,7 @@ def section_logits(work: str, tiny: bool, emit) -> dict:
     for dtype, bound in ((torch.float32, 1e-4), (torch.bfloat16, 0.1)):
         model, device = _megatron_model(ckpt, dtype)
         ref = AutoModelForCausalLM.from_pretrained(hf, dtype=dtype).to(device).eval()
-        tokens = torch.randint(0, model.llama_shape.vocab, (2, 48), generator=torch.Generator().manual_seed(1)).to(device)
+        tokens = torch.randint(0, model.decoder_shape.vocab, (2, 48), generator=torch.Generator().manual_seed(1)).to(device)
         with torch.no_grad():
             expected = ref(input_ids=tokens).logits.float()
         diff = (_megatron_logits(model, tokens) - expected).abs().max().item()
@@ -269,7 +269,7 @@ def section_branch(work: str, tiny: bool, emit) -> dict:
     result = {"ok": True}
     for method in ("pissa", "milora"):
         model, device = _megatron_model(ckpt, torch.bfloat16)
-        tokens = torch.randint(0, model.llama_shape.vocab, (2, 48), generator=torch.Generator().manual_seed(2)).to(device)
+        tokens = torch.randint(0, model.decoder_shape.vocab, (2, 48), generator=torch.Generator().manual_seed(2)).to(device)
         before = _megatron_logits(model, tokens)
         apply_adapters(model, AdapterConfig(method=method, rank=8, residual="branch", targets=list(PAPER_TARGETS)))
         after = _megatron_logits(model, tokens)
@@ -421,13 +421,13 @@ def section_init(work: str, tiny: bool, emit) -> dict:
 def _throughput_setup(tiny: bool):
     from bench_train_throughput import LLAMA3_8B, SMALL
 
-    from milora_megatron.models.llama import LlamaShape
+    from milora_megatron.models.decoder import DecoderShape
 
     dims = dict(SMALL, layers=2, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=512) if tiny else dict(LLAMA3_8B)
     args = {"rank": 8 if tiny else 32, "targets": list(PAPER_TARGETS), "dropout": 0.05, "residual": "branch",
             "seq_len": 64 if tiny else 2048, "global_batch": 4 if tiny else 16, "micro_batch": 2,
             "tp": 1, "pp": 1, "sp": False, "steps": 2 if tiny else 3, "warmup_steps": 1 if tiny else 2}
-    return dims, LlamaShape(**dims), args
+    return dims, DecoderShape(**dims), args
 
 
 def _hf_peft_leg(shape, args: dict) -> dict:

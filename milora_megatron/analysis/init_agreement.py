@@ -94,7 +94,7 @@ def our_initial_factors(base_path: str, method: str, rank: int, alpha: float, ta
     from ..adapters.apply import apply_adapters
     from ..checkpoint.adapters import gather_factors
     from ..checkpoint.base import BaseCheckpoint
-    from ..models.llama import build_gpt, transformer_config
+    from ..models.decoder import build_gpt, transformer_config
 
     base = BaseCheckpoint(base_path)
     model = build_gpt(base.shape, transformer_config(base.shape, perform_initialization=False))

@@ -26,8 +26,8 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError, MissingPathError, UserError
-from ..mapping.llama import EMBEDDING, LM_HEAD, layout_of
-from ..models.llama import LlamaShape, padded_vocab
+from ..mapping.decoder import EMBEDDING, LM_HEAD, layout_of
+from ..models.decoder import DecoderShape, padded_vocab
 from .atomic import PARTIAL_SUFFIX, check_recorded_files, read_json, sha256_file
 
 MANIFEST = "milora_base.json"
@@ -89,7 +89,7 @@ class BaseCheckpoint:
             raise CheckpointError(f"{manifest} is not a {FORMAT} manifest")
         if self.manifest.get("version") != VERSION:
             raise CheckpointError(f"{manifest} has format version {self.manifest.get('version')}; this code reads {VERSION}")
-        self.shape = LlamaShape.from_hf_config(self.manifest["hf_config"])
+        self.shape = DecoderShape.from_hf_config(self.manifest["hf_config"])
         self.layouts = self.shape.layer_layouts()
         self.weight_map: dict[str, str] = self.manifest["weight_map"]
         self.fingerprint = content_fingerprint(self.manifest)
@@ -135,7 +135,7 @@ class BaseCheckpoint:
     @torch.no_grad()
     def load_into(self, model, tp_rank: int = 0, tp_size: int = 1) -> None:
         """Copy this TP rank's slice of every base parameter of a GPTModel stage (built by
-        ``models.llama.build_gpt``, any TP/PP) from the files. Adapter parameters are skipped;
+        ``models.decoder.build_gpt``, any TP/PP) from the files. Adapter parameters are skipped;
         a parameter the checkpoint lacks is an error."""
         local_to_global = {}
         decoder = getattr(model, "decoder", None)

@@ -25,7 +25,7 @@ from ..checkpoint.atomic import atomic_directory, check_output
 from ..checkpoint.base import DTYPES, MANIFEST, BaseCheckpoint, is_base_checkpoint
 from ..errors import CheckpointError, ConfigError
 from .hf_folder import INDEX_NAME
-from ..mapping.llama import EMBEDDING, FINAL_NORM, LM_HEAD, hf_layer_prefix, megatron_to_hf_layer
+from ..mapping.decoder import EMBEDDING, FINAL_NORM, LM_HEAD, hf_layer_prefix, megatron_to_hf_layer
 
 
 # what a training run writes at the top of its output folder

@@ -15,10 +15,10 @@ from tqdm import tqdm
 from ..checkpoint import base as fmt
 from ..checkpoint.atomic import atomic_directory, check_output, sha256_file
 from ..errors import CheckpointError, ConfigError, as_user_error
-from ..models.llama import LlamaShape
+from ..models.decoder import DecoderShape
 from . import hub
 from .hf_folder import HFFolder
-from ..mapping.llama import (
+from ..mapping.decoder import (
     EMBEDDING,
     FINAL_NORM,
     LM_HEAD,
@@ -30,7 +30,7 @@ from ..mapping.llama import (
 log = logging.getLogger(__name__)
 
 
-def expected_hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
+def expected_hf_shapes(shape: DecoderShape) -> dict[str, tuple[int, ...]]:
     """Every tensor the config implies, with its shape."""
     out = {EMBEDDING[0]: (shape.vocab, shape.hidden), FINAL_NORM[0]: (shape.hidden,)}
     if not shape.tied:
@@ -41,7 +41,7 @@ def expected_hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check_hf_tensors(hf: HFFolder, shape: LlamaShape) -> None:
+def check_hf_tensors(hf: HFFolder, shape: DecoderShape) -> None:
     """Names and shapes against the config (a transposed matrix has the right element count
     and would otherwise convert silently)."""
     expected = expected_hf_shapes(shape)
@@ -67,7 +67,7 @@ def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtyp
         raise ConfigError(f"dtype must be one of {sorted(fmt.DTYPES)} or None (the source's), got {dtype!r}")
     hf_dir, hub_record = hub.resolve(hf_dir, revision)
     hf = HFFolder(hf_dir)
-    shape = LlamaShape.from_hf_config(hf.config)
+    shape = DecoderShape.from_hf_config(hf.config)
     shape.check_parallel(tp, pp)
     check_hf_tensors(hf, shape)
     check_output(out, overwrite)
@@ -90,7 +90,7 @@ def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtyp
     return os.path.abspath(out)
 
 
-def _write_checkpoint(hf: HFFolder, shape: LlamaShape, out: str, overwrite: bool, tp: int, pp: int,
+def _write_checkpoint(hf: HFFolder, shape: DecoderShape, out: str, overwrite: bool, tp: int, pp: int,
                       dtype: str | None, shards: dict, hub_record: dict | None, progress: bool) -> None:
     target = fmt.DTYPES[dtype] if dtype else None
     files, weight_map = {}, {}

@@ -4,7 +4,7 @@ megatron-core): the converters, the checkpoint loader, the adapters and the anal
 all read these facts from here, in both directions."""
 
 from .fused import FusedLayout
-from .llama import layer_layouts
+from .decoder import layer_layouts
 from .projections import HF_TARGETS, PAPER_TARGETS, PROJECTIONS, Projection
 
 __all__ = ["FusedLayout", "HF_TARGETS", "PAPER_TARGETS", "PROJECTIONS", "Projection", "layer_layouts"]

@@ -57,7 +57,7 @@ def family_config(family: str, tied: bool = False, **shape):
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
-def make_hf_llama(path: str, tied: bool = False, seed: int = 0, dtype=torch.float32,
+def make_hf_model(path: str, tied: bool = False, seed: int = 0, dtype=torch.float32,
                   max_shard_size: str = "100KB", family: str = "llama", **shape):
     """Save a random tiny model of ``family`` at ``path`` (sharded safetensors + index) and
     return it.

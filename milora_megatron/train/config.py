@@ -17,7 +17,7 @@ from ..adapters.config import AdapterConfig, option
 from ..data.templates import TEMPLATES
 from ..device import DEVICES, DTYPES
 from ..errors import ConfigError, MissingPathError
-from ..models.llama import RECOMPUTE
+from ..models.decoder import RECOMPUTE
 
 
 @dataclass

@@ -32,7 +32,7 @@ from ..checkpoint.atomic import write_json_atomic
 from ..checkpoint.base import BaseCheckpoint
 from ..errors import CheckpointError, ConfigError, DataError, DiskFullError, RunFolderError, TrainingStopped
 from ..device import all_reduce_scalars, resolve_device, resolve_dtype
-from ..models.llama import build_gpt, transformer_config
+from ..models.decoder import build_gpt, transformer_config
 from ..data import text_samples, to_samples, tokenize_examples
 from .batches import SampleOrder, micro_batches, sample_parts, scored_labels
 from .config import RunConfig

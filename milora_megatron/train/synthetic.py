@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.llama import LlamaShape
+from ..models.decoder import DecoderShape
 
 
 class RandomBase:
@@ -15,7 +15,7 @@ class RandomBase:
     path = "random-weights"
     fingerprint = "random-weights"
 
-    def __init__(self, shape: LlamaShape, seed: int = 0):
+    def __init__(self, shape: DecoderShape, seed: int = 0):
         self.shape, self.seed = shape, seed
 
     def is_the_base_of(self, recorded_fingerprint: str) -> bool:

@@ -6,7 +6,7 @@ and head_dim != hidden / heads; Mistral), each built by transformers from its ow
 import pytest
 import torch
 from distributed import run_distributed
-from hf_tiny import FAMILIES, hf_logits, make_hf_llama
+from hf_tiny import FAMILIES, hf_logits, make_hf_model
 
 TOL = 1e-4
 
@@ -16,7 +16,7 @@ def _logits_worker(ckpts, tokens, sp=False):
     from pipeline_forward import forward_logits
 
     from milora_megatron.checkpoint.base import BaseCheckpoint
-    from milora_megatron.models.llama import build_gpt, transformer_config
+    from milora_megatron.models.decoder import build_gpt, transformer_config
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -39,7 +39,7 @@ def converted(tmp_path_factory):
     models = [("untied", "llama", False), ("tied", "llama", True)]
     models += [(family, family, family == "qwen2") for family in FAMILIES if family != "llama"]
     for key, family, tied in models:
-        model = make_hf_llama(str(root / key), tied=tied, seed=len(refs), family=family)
+        model = make_hf_model(str(root / key), tied=tied, seed=len(refs), family=family)
         refs[key] = hf_logits(model, tokens)
         ckpts[key] = convert_hf_to_megatron(str(root / key), str(root / f"{key}_ckpt"), tp=2, pp=2, progress=False)
     return tokens, refs, ckpts

@@ -21,11 +21,11 @@ def _worker():
     from megatron.core import parallel_state as ps
 
     from milora_megatron.data import to_samples
-    from milora_megatron.models.llama import LlamaShape, build_gpt, transformer_config
+    from milora_megatron.models.decoder import DecoderShape, build_gpt, transformer_config
     from milora_megatron.train.batches import micro_batches
     from milora_megatron.train.pipeline import forward
 
-    shape = LlamaShape(layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=200, max_seq=64)
+    shape = DecoderShape(layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=200, max_seq=64)
     model = build_gpt(shape, transformer_config(shape, tp=ps.get_tensor_model_parallel_world_size())).eval()
     examples = _examples()
     total = sum(len(e[0]) for e in examples)

@@ -5,7 +5,7 @@ all at the minor end. Weights with a Llama-like spectrum (condition 1e4)."""
 import pytest
 import torch
 from distributed import run_distributed
-from hf_tiny import make_hf_llama
+from hf_tiny import make_hf_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 8, 8.0
@@ -26,7 +26,7 @@ def model(tmp_path_factory):
     from milora_megatron.convert.importer import convert_hf_to_megatron
 
     root = tmp_path_factory.mktemp("agree")
-    make_hf_llama(str(root / "hf"), tied=False, seed=2, layers=2, max_shard_size="50MB")
+    make_hf_model(str(root / "hf"), tied=False, seed=2, layers=2, max_shard_size="50MB")
     path = root / "hf" / "model.safetensors"
     tensors, gen = load_file(str(path)), torch.Generator().manual_seed(0)
     for name in list(tensors):

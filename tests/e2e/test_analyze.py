@@ -142,14 +142,14 @@ def tiny(tmp_path_factory):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from milora_megatron.models.tiny_hf import make_hf_llama, make_tokenizer
+    from milora_megatron.models.tiny_hf import make_hf_model, make_tokenizer
 
     root = tmp_path_factory.mktemp("analyze")
     base, adapter, merged = (str(root / n) for n in ("base", "adapter", "merged"))
     sentences = open(os.path.join(ROOT, "data", "demo", "general.txt")).read().split(". ")
     general = root / "general.txt"
     general.write_text("\n".join(s.strip() + "." for s in sentences[:120]) + "\n")
-    model = make_hf_llama(base, layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=512, seed=3)
+    model = make_hf_model(base, layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=512, seed=3)
     make_tokenizer(base, sentences + ["What is 12 plus 7? 12 plus 7 is 19. ### Instruction: ### Response:"] * 3,
                    vocab=512)
 

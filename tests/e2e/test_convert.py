@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from hf_tiny import make_hf_llama
+from hf_tiny import make_hf_model
 from safetensors.torch import load_file
 
 from milora_megatron.convert.exporter import export_merged
@@ -37,7 +37,7 @@ def hf_dirs(tmp_path_factory):
     for key, family, tied, dtype in (("untied_bf16", "llama", False, torch.bfloat16),
                                      ("tied_fp32", "llama", True, torch.float32), ("qwen2", "qwen2", True, torch.bfloat16),
                                      ("qwen3", "qwen3", False, torch.bfloat16), ("mistral", "mistral", False, torch.bfloat16)):
-        make_hf_llama(str(root / key), tied=tied, dtype=dtype, seed=3, family=family)
+        make_hf_model(str(root / key), tied=tied, dtype=dtype, seed=3, family=family)
         with open(root / key / "tokenizer_config.json", "w") as f:  # a side file that must travel along
             json.dump({"model_max_length": 256}, f)
         dirs[key] = str(root / key)
@@ -331,7 +331,7 @@ def test_full_disk_is_one_line_and_loses_nothing(tmp_path, monkeypatch):
     from milora_megatron.convert import importer
 
     src = str(tmp_path / "src")
-    make_hf_llama(src, dtype=torch.bfloat16, layers=2, vocab=128, seed=4)
+    make_hf_model(src, dtype=torch.bfloat16, layers=2, vocab=128, seed=4)
     probe = convert_hf_to_megatron(src, str(tmp_path / "probe"), progress=False)
     need = _used_bytes(probe)
     disk = str(tmp_path / "disk")

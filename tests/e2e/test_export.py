@@ -8,7 +8,7 @@ import pytest
 import torch
 from damage import flip
 from distributed import run_distributed
-from hf_tiny import FAMILIES, make_hf_llama
+from hf_tiny import FAMILIES, make_hf_model
 
 CASES = [("lora", "branch"), ("pissa", "branch"), ("milora", "branch"), ("mica", "branch"), ("milora", "merge")]
 TOL = 1e-4
@@ -21,7 +21,7 @@ def _train_worker(ckpt, run_root, tokens, cases=CASES):
     from milora_megatron.adapters.apply import apply_adapters
     from milora_megatron.checkpoint.adapters import save_adapter_checkpoint, step_dir
     from milora_megatron.checkpoint.base import BaseCheckpoint
-    from milora_megatron.models.llama import build_gpt, gather_logits, transformer_config
+    from milora_megatron.models.decoder import build_gpt, gather_logits, transformer_config
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     base = BaseCheckpoint(ckpt)
@@ -54,7 +54,7 @@ def trained(tmp_path_factory):
     from milora_megatron.convert.importer import convert_hf_to_megatron
 
     root = tmp_path_factory.mktemp("export")
-    make_hf_llama(str(root / "hf"), tied=False, seed=5)
+    make_hf_model(str(root / "hf"), tied=False, seed=5)
     ckpt = convert_hf_to_megatron(str(root / "hf"), str(root / "ckpt"), tp=2, progress=False)
     tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
     logits = run_distributed(_train_worker, 2, tp=2, ckpt=ckpt, run_root=str(root / "runs"), tokens=tokens)[0]
@@ -98,7 +98,7 @@ def families_trained(tmp_path_factory):
     tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
     logits = {}
     for family in FAMILIES[1:]:
-        make_hf_llama(str(root / family / "hf"), tied=family == "qwen2", seed=8, family=family)
+        make_hf_model(str(root / family / "hf"), tied=family == "qwen2", seed=8, family=family)
         ckpt = convert_hf_to_megatron(str(root / family / "hf"), str(root / family / "ckpt"), tp=2, progress=False)
         logits[family] = run_distributed(_train_worker, 2, tp=2, ckpt=ckpt, run_root=str(root / family / "runs"),
                                          tokens=tokens, cases=[("milora", "branch")])[0][("milora", "branch")]
@@ -191,7 +191,7 @@ def test_analysis_refuses_a_base_that_is_not_the_exports(trained, tmp_path):
     run = root / "runs" / "milora_branch"
     adapter = export_peft(str(run), str(tmp_path / "peft"))
     merged = export_merged(str(run), str(tmp_path / "merged"), progress=False)
-    make_hf_llama(str(tmp_path / "other"), tied=False, seed=6)  # same shapes, other weights
+    make_hf_model(str(tmp_path / "other"), tied=False, seed=6)  # same shapes, other weights
     report = spectrum_report(str(root / "hf"), adapter_dir=adapter, layers=[0], targets=["q_proj"], progress=False)
     assert report["method"] == "milora"  # the right base passes
     for kwargs in ({"adapter_dir": adapter}, {"merged_dir": merged}):

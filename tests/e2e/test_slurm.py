@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from hf_tiny import alpaca_records, make_hf_llama, make_tokenizer
+from hf_tiny import alpaca_records, make_hf_model, make_tokenizer
 from slurm_cluster import LocalSlurm, install
 
 from paths import ROOT  # noqa: E402
@@ -37,7 +37,7 @@ def inputs(cluster):
     _, work = cluster
     records = alpaca_records(48)
     hf = work / "hf"
-    make_hf_llama(str(hf), tied=False, seed=3, vocab=512)
+    make_hf_model(str(hf), tied=False, seed=3, vocab=512)
     make_tokenizer(str(hf), [json.dumps(r) for r in records] * 4, vocab=512)
     with open(work / "train.jsonl", "w") as f:
         for r in records:

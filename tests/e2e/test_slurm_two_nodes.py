@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from hf_tiny import alpaca_records, make_hf_llama, make_tokenizer
+from hf_tiny import alpaca_records, make_hf_model, make_tokenizer
 from slurm_cluster import install
 from slurm_two_nodes import TwoNodeSlurm, namespaces_unavailable
 
@@ -35,7 +35,7 @@ def cluster(tmp_path_factory):
         pytest.skip(f"this machine cannot host namespaced test nodes: {why}")
     work = tmp_path_factory.mktemp("slurm2")
     records = alpaca_records(48)
-    make_hf_llama(str(work / "hf"), tied=False, seed=3, vocab=512)
+    make_hf_model(str(work / "hf"), tied=False, seed=3, vocab=512)
     make_tokenizer(str(work / "hf"), [json.dumps(r) for r in records] * 4, vocab=512)
     with open(work / "train.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)

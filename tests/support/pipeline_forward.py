@@ -13,7 +13,7 @@ def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor | None:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from milora_megatron.models.llama import gather_logits
+    from milora_megatron.models.decoder import gather_logits
 
     def loss_func(output):
         return output.sum() * 0.0, {"logits": gather_logits(model, output)}

@@ -33,11 +33,11 @@ def hf_layer_weights(seed: int = 0, cond: float = 1e3, **shape) -> list[dict[str
 
 
 def transformer_config(tp: int = 1, pp: int = 1, sp: bool = False, dtype=torch.float32, **shape):
-    from milora_megatron.models.llama import LlamaShape
-    from milora_megatron.models.llama import transformer_config as make
+    from milora_megatron.models.decoder import DecoderShape
+    from milora_megatron.models.decoder import transformer_config as make
 
     s = {**SHAPE, **shape}
-    return make(LlamaShape(layers=s["layers"], hidden=s["hidden"], heads=s["heads"], kv_heads=s["groups"],
+    return make(DecoderShape(layers=s["layers"], hidden=s["hidden"], heads=s["heads"], kv_heads=s["groups"],
                            ffn=s["ffn"], vocab=s["vocab"]), tp=tp, pp=pp, sp=sp, dtype=dtype)
 
 
@@ -58,11 +58,11 @@ def build_gpt(weights, tp: int, sp: bool = False, pp: int = 1, dtype=torch.float
     """A GPTModel (local spec) on this rank with ``weights`` loaded into its TP shards."""
     from megatron.core import parallel_state as ps
 
-    from milora_megatron.models.llama import LlamaShape
-    from milora_megatron.models.llama import build_gpt as build
+    from milora_megatron.models.decoder import DecoderShape
+    from milora_megatron.models.decoder import build_gpt as build
 
     cfg = transformer_config(tp=tp, sp=sp, pp=pp, dtype=dtype, layers=len(weights))
-    shape = LlamaShape(layers=len(weights), hidden=SHAPE["hidden"], heads=SHAPE["heads"], kv_heads=SHAPE["groups"],
+    shape = DecoderShape(layers=len(weights), hidden=SHAPE["hidden"], heads=SHAPE["heads"], kv_heads=SHAPE["groups"],
                        ffn=SHAPE["ffn"], vocab=SHAPE["vocab"])
     model = build(shape, cfg)
     rank = ps.get_tensor_model_parallel_rank()
@@ -80,7 +80,7 @@ def causal_mask(seq: int) -> torch.Tensor:
 
 def logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """Full-vocab logits (gathered over TP), [batch, seq, vocab]."""
-    from milora_megatron.models.llama import gather_logits
+    from milora_megatron.models.decoder import gather_logits
 
     seq = tokens.shape[1]
     pos = torch.arange(seq).unsqueeze(0).expand_as(tokens)

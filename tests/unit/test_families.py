@@ -5,7 +5,7 @@ import pytest
 
 from milora_megatron.errors import CheckpointError, ConfigError
 from milora_megatron.models.families import family_for
-from milora_megatron.models.llama import LlamaShape
+from milora_megatron.models.decoder import DecoderShape
 from milora_megatron.models.tiny_hf import FAMILIES, family_config
 
 
@@ -15,7 +15,7 @@ def _cfg(family, **changes):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_reads_its_transformers_config(family):
-    shape = LlamaShape.from_hf_config(_cfg(family))
+    shape = DecoderShape.from_hf_config(_cfg(family))
     assert family_for(_cfg(family)).name == shape.family == family
     assert shape.qkv_bias == (family == "qwen2") and shape.qk_norm == (family == "qwen3")
     assert shape.kv_channels == (32 if family == "qwen3" else 16)  # Qwen3: head_dim != hidden / heads
@@ -40,7 +40,7 @@ def test_refusals_name_the_key(family, changes, message):
     """A config we cannot handle is the checkpoint's (the user's) problem: a CheckpointError,
     still a ValueError for older callers."""
     with pytest.raises(CheckpointError) as info:
-        LlamaShape.from_hf_config(_cfg(family, **changes))
+        DecoderShape.from_hf_config(_cfg(family, **changes))
     assert message in str(info.value) and isinstance(info.value, ValueError)
 
 
@@ -48,14 +48,14 @@ def test_a_config_without_a_size_is_refused_not_a_key_error():
     cfg = _cfg("llama")
     del cfg["intermediate_size"]
     with pytest.raises(CheckpointError, match="llama config has no intermediate_size"):
-        LlamaShape.from_hf_config(cfg)
+        DecoderShape.from_hf_config(cfg)
 
 
 def test_a_sliding_window_shorter_than_the_sequences_is_refused():
-    shape = LlamaShape.from_hf_config(_cfg("mistral", sliding_window=128))
+    shape = DecoderShape.from_hf_config(_cfg("mistral", sliding_window=128))
     shape.check_seq_len(128)
     with pytest.raises(ConfigError, match="sliding window of 128 tokens, shorter than train.seq_len 256"):
         shape.check_seq_len(256)
     with pytest.raises(ConfigError, match="TP size 3 does not divide the 4 attention heads"):
         shape.check_parallel(3, 1)
-    assert LlamaShape.from_hf_config(_cfg("mistral", sliding_window=None)).sliding_window is None
+    assert DecoderShape.from_hf_config(_cfg("mistral", sliding_window=None)).sliding_window is None

@@ -39,15 +39,15 @@ def test_rmsnorm_matches_transformers(dtype):
 
 
 def test_the_fused_swiglu_is_used_on_a_gpu_and_agrees_with_the_plain_one():
-    """models/llama.py turns on megatron's bias_swiglu fusion for GPU runs only; here its
+    """models/decoder.py turns on megatron's bias_swiglu fusion for GPU runs only; here its
     kernel (compiled on the CPU too) against the plain SiLU(y1) * y2 the CPU path runs."""
     import torch.nn.functional as F
     from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
 
-    from milora_megatron.models.llama import LlamaShape, transformer_config
+    from milora_megatron.models.decoder import DecoderShape, transformer_config
     from milora_megatron.models.tiny_hf import hf_config
 
-    shape = LlamaShape.from_hf_config(hf_config().to_dict())
+    shape = DecoderShape.from_hf_config(hf_config().to_dict())
     assert transformer_config(shape, device="cuda").bias_activation_fusion
     assert not transformer_config(shape, device="cpu").bias_activation_fusion
     torch.manual_seed(0)

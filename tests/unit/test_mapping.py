@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from milora_megatron.mapping import HF_TARGETS, PAPER_TARGETS, PROJECTIONS, layer_layouts
-from milora_megatron.mapping.llama import HF_LAYER_NAMES, hf_to_megatron_layer, layout_of, megatron_to_hf_layer
+from milora_megatron.mapping.decoder import HF_LAYER_NAMES, hf_to_megatron_layer, layout_of, megatron_to_hf_layer
 
 HEADS, KV, HD, FFN, HIDDEN = 8, 2, 4, 12, 32
 

@@ -63,7 +63,7 @@ def test_the_package_imports_without_megatron():
     modules = ["milora_megatron.adapters", "milora_megatron.adapters.variants", "milora_megatron.mapping",
                "milora_megatron.data", "milora_megatron.analysis", "milora_megatron.analysis.deltas",
                "milora_megatron.convert.importer", "milora_megatron.convert.exporter", "milora_megatron.checkpoint.base",
-               "milora_megatron.checkpoint.adapters", "milora_megatron.models.llama", "milora_megatron.subspace",
+               "milora_megatron.checkpoint.adapters", "milora_megatron.models.decoder", "milora_megatron.subspace",
                "milora_megatron.device", "milora_megatron.train.config", "milora_megatron.errors"]
     code = ("import sys\n"
             "class Block:\n"

@@ -23,7 +23,7 @@ def registered() -> list["Family"]:
 
 
 class Family:
-    """One HF decoder family. ``read`` returns the shape fields (``models.llama.LlamaShape``)."""
+    """One HF decoder family. ``read`` returns the shape fields (``models.decoder.DecoderShape``)."""
 
     name: ClassVar[str]
     architectures: ClassVar[tuple[str, ...]]

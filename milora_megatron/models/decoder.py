@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..mapping.llama import hf_layer_shapes, layer_layouts
+from ..mapping.decoder import hf_layer_shapes, layer_layouts
 
 VOCAB_PAD_MULTIPLE = 128
 RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass
-class LlamaShape:
+class DecoderShape:
     layers: int = 2
     hidden: int = 64
     heads: int = 8
@@ -46,7 +46,7 @@ class LlamaShape:
         return self.head_dim or self.hidden // self.heads
 
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> "LlamaShape":
+    def from_hf_config(cls, cfg: dict) -> "DecoderShape":
         """Validate an HF ``config.json`` (as a dict) and read the shape from it (models.families)."""
         from .families import family_for
 
@@ -61,7 +61,7 @@ class LlamaShape:
                              f"it: set train.seq_len <= {self.sliding_window}")
 
     def layer_layouts(self) -> dict:
-        """Each decoder-layer linear's fused layout (mapping.llama.layer_layouts)."""
+        """Each decoder-layer linear's fused layout (mapping.decoder.layer_layouts)."""
         return layer_layouts(self.heads, self.kv_heads, self.kv_channels, self.ffn, self.hidden)
 
     def layer_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -94,7 +94,7 @@ def _recompute_settings(recompute: str) -> dict:
     return {}
 
 
-def transformer_config(shape: LlamaShape, tp: int = 1, pp: int = 1, sp: bool = False,
+def transformer_config(shape: DecoderShape, tp: int = 1, pp: int = 1, sp: bool = False,
                        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                        recompute: str = "none", perform_initialization: bool = True):
     """megatron's TransformerConfig for ``shape``. ``perform_initialization=False`` when every
@@ -124,7 +124,7 @@ def transformer_config(shape: LlamaShape, tp: int = 1, pp: int = 1, sp: bool = F
     )
 
 
-def rope_inv_freq(shape: LlamaShape) -> torch.Tensor:
+def rope_inv_freq(shape: DecoderShape) -> torch.Tensor:
     """The rotary inverse frequencies exactly as transformers computes them for this config."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -140,7 +140,7 @@ def rope_inv_freq(shape: LlamaShape) -> torch.Tensor:
     return emb.inv_freq.to(torch.float32)
 
 
-def build_gpt(shape: LlamaShape, config):
+def build_gpt(shape: DecoderShape, config):
     """This pipeline stage's GPTModel on megatron's local spec with our SDPA attention and
     RMSNorm (models/layers.py). With full recompute, the first stage's embedding output
     requires grad: the embedding is frozen, and a recomputed layer whose inputs need no
@@ -167,7 +167,7 @@ def build_gpt(shape: LlamaShape, config):
         _mask_padded_logits(model, shape.vocab, ps.get_tensor_model_parallel_rank())
     if model.pre_process and config.recompute_granularity == "full":
         model.embedding.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True) if out.is_leaf else out)
-    model.llama_shape = shape
+    model.decoder_shape = shape
     return model
 
 
@@ -190,4 +190,4 @@ def gather_logits(model, output: torch.Tensor) -> torch.Tensor:
     """Full, unpadded logits [batch, seq, vocab] from a last stage's TP-sharded output."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    return gather_from_tensor_model_parallel_region(output)[..., : model.llama_shape.vocab]
+    return gather_from_tensor_model_parallel_region(output)[..., : model.decoder_shape.vocab]
