@@ -159,7 +159,7 @@ def export_merged(path: str, out: str, dtype: str | None = None, max_shard_bytes
         bar.update()
         layouts = shape.layer_layouts()
         for i in range(shape.layers):
-            hf = megatron_to_hf_layer(base.layer_tensors(i), layouts)
+            hf = megatron_to_hf_layer(base.layer_tensors(i), layouts, shape.norms)
             factors = adapter.tensors(prefix=hf_layer_prefix(i)) if adapter is not None else {}
             for name in list(hf):  # pop: each tensor is released once written
                 full = hf_layer_prefix(i) + name

@@ -114,7 +114,7 @@ def _write_checkpoint(hf: HFFolder, shape: DecoderShape, out: str, overwrite: bo
         layouts = shape.layer_layouts()
         for i in range(shape.layers):
             layer = {n: hf.tensor(hf_layer_prefix(i) + n) for n in shape.layer_shapes()}
-            meg = hf_to_megatron_layer(layer, layouts)
+            meg = hf_to_megatron_layer(layer, layouts, shape.norms)
             del layer
             write(tmp, fmt.layer_file(i), {megatron_layer_prefix(i) + k: v for k, v in meg.items()})
             del meg

@@ -1,6 +1,8 @@
-"""Hugging Face Llama-like decoders <-> megatron-core GPTModel (local spec): tensor names,
-each decoder layer's fused layouts, and conversion of one layer in either direction (with
-the extra tensors some families add: Qwen2's q/k/v biases, Qwen3's q/k norms).
+"""Hugging Face decoders <-> megatron-core GPTModel (local spec): tensor names, each decoder
+layer's fused layouts, and conversion of one layer in either direction. What a family adds
+to the Llama layer is declared by the family (models/families/) and passed in here: its
+table of norms (``norms``: Gemma 3 has four per layer), Qwen2's q/k/v biases, the q/k norms
+of Qwen3 and Gemma 3.
 
 Megatron's *global* layout (the one every TP size slices, and megatron's distributed
 checkpoints store): ``linear_qkv`` as query groups one after another, each [q heads; k; v];
@@ -17,27 +19,33 @@ from .projections import PROJECTIONS
 EMBEDDING = ("model.embed_tokens.weight", "embedding.word_embeddings.weight")
 FINAL_NORM = ("model.norm.weight", "decoder.final_layernorm.weight")
 LM_HEAD = ("lm_head.weight", "output_layer.weight")
-# HF name inside a layer -> megatron name inside a layer, for the norms (1:1, replicated over TP)
+# HF name inside a layer -> megatron name inside a layer, for the norms (1:1, replicated over
+# TP): Llama's two. A family with other norms declares its own table (models/families/).
 LAYER_NORMS = {
     "input_layernorm.weight": "input_layernorm.weight",
     "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
 }
-# Qwen3's per-head norms on q and k (replicated over TP: one head_dim vector each)
+# norms applied to a sublayer's output before the residual add (Gemma's "sandwich"): they sit in
+# the layer's bias-dropout-add modules (models/layers.py: NormedResidualAdd)
+POST_ATTENTION_NORM = "self_attn_bda.norm.weight"
+POST_MLP_NORM = "mlp_bda.norm.weight"
+# per-head norms (Qwen3, Gemma 3) on q and k (replicated over TP: one head_dim vector each)
 QK_NORMS = {"self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
             "self_attn.k_norm.weight": "self_attention.k_layernorm.weight"}
 # Qwen2's biases: q, k and v, fused into linear_qkv's bias in the weight's interleave
 QKV_BIAS_MODULE = "self_attention.linear_qkv"
 QKV_BIASES = ("q_proj", "k_proj", "v_proj")
-HF_LAYER_NAMES = (*LAYER_NORMS, *(p.hf_weight for p in PROJECTIONS.values()))
+PROJECTION_WEIGHTS = tuple(p.hf_weight for p in PROJECTIONS.values())
+HF_LAYER_NAMES = (*LAYER_NORMS, *PROJECTION_WEIGHTS)  # Llama's
 
 
 def hf_bias(projection: str) -> str:
     return PROJECTIONS[projection].hf_weight.removesuffix(".weight") + ".bias"
 
 
-def hf_layer_names(qkv_bias: bool = False, qk_norm: bool = False) -> tuple[str, ...]:
+def hf_layer_names(qkv_bias: bool = False, qk_norm: bool = False, norms: dict = LAYER_NORMS) -> tuple[str, ...]:
     """The HF tensors of one decoder layer (names relative to the layer)."""
-    return (*HF_LAYER_NAMES, *(map(hf_bias, QKV_BIASES) if qkv_bias else ()), *(QK_NORMS if qk_norm else ()))
+    return (*norms, *PROJECTION_WEIGHTS, *(map(hf_bias, QKV_BIASES) if qkv_bias else ()), *(QK_NORMS if qk_norm else ()))
 
 
 def hf_layer_prefix(i: int) -> str:
@@ -62,12 +70,12 @@ def layer_layouts(heads: int, kv_heads: int, head_dim: int, ffn: int, hidden: in
 
 
 def hf_layer_shapes(heads: int, kv_heads: int, head_dim: int, ffn: int, hidden: int, qkv_bias: bool = False,
-                    qk_norm: bool = False) -> dict[str, tuple[int, ...]]:
+                    qk_norm: bool = False, norms: dict = LAYER_NORMS) -> dict[str, tuple[int, ...]]:
     """The shape of every HF tensor of a decoder layer (names relative to the layer)."""
     q, kv = heads * head_dim, kv_heads * head_dim
     rows = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
             "gate_proj": (ffn, hidden), "up_proj": (ffn, hidden), "down_proj": (hidden, ffn)}
-    out = {**{name: (hidden,) for name in LAYER_NORMS}, **{p.hf_weight: rows[p.name] for p in PROJECTIONS.values()}}
+    out = {**{name: (hidden,) for name in norms}, **{p.hf_weight: rows[p.name] for p in PROJECTIONS.values()}}
     if qkv_bias:
         out.update({hf_bias(p): rows[p][:1] for p in QKV_BIASES})
     if qk_norm:
@@ -75,10 +83,11 @@ def hf_layer_shapes(heads: int, kv_heads: int, head_dim: int, ffn: int, hidden: 
     return out
 
 
-def hf_to_megatron_layer(hf: dict[str, torch.Tensor], layouts: dict[str, FusedLayout]) -> dict[str, torch.Tensor]:
+def hf_to_megatron_layer(hf: dict[str, torch.Tensor], layouts: dict[str, FusedLayout],
+                         norms: dict = LAYER_NORMS) -> dict[str, torch.Tensor]:
     """One layer: HF names (relative to the layer) -> megatron names, global layout. The
     family's extra tensors (q/k/v biases, q/k norms) are converted when present."""
-    copies = {**LAYER_NORMS, **{n: m for n, m in QK_NORMS.items() if n in hf}}
+    copies = {**norms, **{n: m for n, m in QK_NORMS.items() if n in hf}}
     out = {meg: hf[name] for name, meg in copies.items()}
     for module, layout in layouts.items():
         out[f"{module}.weight"] = layout.fuse({p: hf[PROJECTIONS[p].hf_weight] for p, _ in layout.pieces})
@@ -87,9 +96,10 @@ def hf_to_megatron_layer(hf: dict[str, torch.Tensor], layouts: dict[str, FusedLa
     return out
 
 
-def megatron_to_hf_layer(meg: dict[str, torch.Tensor], layouts: dict[str, FusedLayout]) -> dict[str, torch.Tensor]:
+def megatron_to_hf_layer(meg: dict[str, torch.Tensor], layouts: dict[str, FusedLayout],
+                         norms: dict = LAYER_NORMS) -> dict[str, torch.Tensor]:
     """The exact inverse of ``hf_to_megatron_layer``."""
-    copies = {**LAYER_NORMS, **{n: m for n, m in QK_NORMS.items() if m in meg}}
+    copies = {**norms, **{n: m for n, m in QK_NORMS.items() if m in meg}}
     out = {name: meg[m] for name, m in copies.items()}
     for module, layout in layouts.items():
         for p, tensor in layout.unfuse(meg[f"{module}.weight"]).items():

@@ -1,23 +1,28 @@
-"""Llama-like decoders (Llama, Mistral, Qwen2/2.5, Qwen3: models/families/) as megatron-core
+"""Decoders (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3: models/families/) as megatron-core
 GPTModels, from an HF config.
 
-What the HF ``config.json`` says and megatron has no flag for is handled here: the
-``llama3`` rope scaling (the inverse frequencies come from transformers itself), tied
-embeddings, and the vocabulary padding to a multiple of 128 x TP, which stays invisible:
-padded rows are zero and their logits are masked to the dtype's minimum, so softmax and
-loss see exactly the real vocabulary.
+``DecoderShape`` is everything a family reads from its ``config.json``; the family module
+fills it, and nothing here names a family. What the config says and megatron has no flag
+for is handled here: rope scaling (the inverse frequencies come from transformers itself),
+a second rope base for windowed layers, the embedding scale, tied embeddings, and the
+vocabulary padding to a multiple of 128 x TP, which stays invisible: padded rows are zero
+and their logits are masked to the dtype's minimum, so softmax and loss see exactly the
+real vocabulary.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..mapping.decoder import hf_layer_shapes, layer_layouts
+from ..mapping.decoder import LAYER_NORMS, hf_layer_shapes, layer_layouts
 
 VOCAB_PAD_MULTIPLE = 128
+ACTIVATIONS = {"silu": torch.nn.functional.silu,
+               "gelu_tanh": functools.partial(torch.nn.functional.gelu, approximate="tanh")}
 RECOMPUTE = ("none", "selective", "full")
 
 
@@ -32,18 +37,34 @@ class DecoderShape:
     head_dim: int | None = None  # None: hidden // heads
     max_seq: int = 4096
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # HF rope parameters of type "llama3"
+    rope_scaling: dict | None = None  # HF rope parameters ("llama3", "linear"); of the full-attention layers
     rms_eps: float = 1e-5
     tied: bool = False
-    family: str = "llama"  # models/families/: what the layers hold beyond Llama's
+    family: str = "llama"  # models/families/: the module that filled this shape
     qkv_bias: bool = False
     qk_norm: bool = False
+    # HF layer norm -> megatron name (mapping/decoder.py); a family with other norms declares its own
+    norms: dict = field(default_factory=lambda: dict(LAYER_NORMS))
+    zero_centered_norms: bool = False  # every RMSNorm scales by (1 + w), in fp32 (Gemma)
+    activation: str = "silu"  # of the gated MLP: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    embedding_scale: float | None = None  # the embedding output times this, in the model's dtype
+    softmax_scale: float | None = None  # None: 1 / sqrt(head_dim)
     sliding_window: int | None = None  # None: full attention
+    # per layer "sliding_attention" or "full_attention"; empty: every layer windowed if
+    # sliding_window is set (Mistral)
+    layer_types: tuple[str, ...] = ()
+    local_rope_theta: float | None = None  # the windowed layers' own rope base (Gemma 3)
     hf_config: dict = field(default_factory=dict, repr=False)
 
     @property
     def kv_channels(self) -> int:
         return self.head_dim or self.hidden // self.heads
+
+    def window(self, layer: int) -> int | None:
+        """How far layer ``layer`` (0-based) attends back, None for full causal attention."""
+        if self.sliding_window is None or (self.layer_types and self.layer_types[layer] != "sliding_attention"):
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "DecoderShape":
@@ -55,10 +76,6 @@ class DecoderShape:
     def check_seq_len(self, seq_len: int) -> None:
         if seq_len > self.max_seq:
             raise ConfigError(f"train.seq_len {seq_len} exceeds the model's max_position_embeddings {self.max_seq}")
-        if self.sliding_window is not None and self.sliding_window < seq_len:
-            raise ConfigError(f"this {self.family} model attends within a sliding window of {self.sliding_window} "
-                             f"tokens, shorter than train.seq_len {seq_len}; full causal attention cannot honour "
-                             f"it: set train.seq_len <= {self.sliding_window}")
 
     def layer_layouts(self) -> dict:
         """Each decoder-layer linear's fused layout (mapping.decoder.layer_layouts)."""
@@ -67,7 +84,7 @@ class DecoderShape:
     def layer_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every HF tensor of a decoder layer with its shape (names relative to the layer)."""
         return hf_layer_shapes(self.heads, self.kv_heads, self.kv_channels, self.ffn, self.hidden,
-                               qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
+                               qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, norms=self.norms)
 
     def check_parallel(self, tp: int, pp: int) -> None:
         for n, what in ((self.heads, "attention heads"), (self.kv_heads, "KV heads (query groups)"),
@@ -99,7 +116,6 @@ def transformer_config(shape: DecoderShape, tp: int = 1, pp: int = 1, sp: bool =
                        recompute: str = "none", perform_initialization: bool = True):
     """megatron's TransformerConfig for ``shape``. ``perform_initialization=False`` when every
     weight is loaded afterwards (the random init of 8B parameters would be thrown away)."""
-    import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
     shape.check_parallel(tp, pp)
@@ -109,8 +125,8 @@ def transformer_config(shape: DecoderShape, tp: int = 1, pp: int = 1, sp: bool =
         num_layers=shape.layers, hidden_size=shape.hidden, num_attention_heads=shape.heads,
         num_query_groups=shape.kv_heads, ffn_hidden_size=shape.ffn, kv_channels=shape.kv_channels,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=shape.qkv_bias,
-        qk_layernorm=shape.qk_norm, normalization="RMSNorm",
+        gated_linear_unit=True, activation_func=ACTIVATIONS[shape.activation], add_bias_linear=False, add_qkv_bias=shape.qkv_bias,
+        qk_layernorm=shape.qk_norm, normalization="RMSNorm", softmax_scale=shape.softmax_scale,
         layernorm_epsilon=shape.rms_eps, use_cpu_initialization=torch.device(device).type == "cpu",
         perform_initialization=perform_initialization,
         gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
@@ -118,19 +134,20 @@ def transformer_config(shape: DecoderShape, tp: int = 1, pp: int = 1, sp: bool =
         # megatron's fused SwiGLU (no transformer-engine needed: a compiled kernel that keeps
         # the fc1 output, not silu's intermediate, for backward) on a GPU; on the CPU the plain
         # one, which the tests' references use (forward equal in fp32, backward to rounding)
-        bias_activation_fusion=torch.device(device).type == "cuda",
+        bias_activation_fusion=torch.device(device).type == "cuda" and shape.activation == "silu",
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, **_recompute_settings(recompute),
     )
 
 
-def rope_inv_freq(shape: DecoderShape) -> torch.Tensor:
-    """The rotary inverse frequencies exactly as transformers computes them for this config."""
+def rope_inv_freq(shape: DecoderShape, local: bool = False) -> torch.Tensor:
+    """The rotary inverse frequencies exactly as transformers computes them for this config
+    (``local``: the windowed layers' own base, unscaled, as Gemma 3 has it)."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    rope = dict(shape.rope_scaling or {"rope_type": "default"})
-    rope["rope_theta"] = shape.rope_theta
+    rope = {"rope_type": "default"} if local else dict(shape.rope_scaling or {"rope_type": "default"})
+    rope["rope_theta"] = shape.local_rope_theta if local else shape.rope_theta
     cfg = LlamaConfig(hidden_size=shape.hidden, num_attention_heads=shape.heads, head_dim=shape.kv_channels,
                       max_position_embeddings=max(shape.max_seq, rope.get("original_max_position_embeddings", 0)),
                       rope_parameters=rope)
@@ -148,11 +165,15 @@ def build_gpt(shape: DecoderShape, config):
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from .layers import RMSNorm, local_layer_spec
+    from .layers import decoder_layer_spec, norm_class
 
-    layer = local_layer_spec(qk_norm=shape.qk_norm)
-    block = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=RMSNorm)
+    first = get_transformer_layer_offset(config)
+    local_freq = rope_inv_freq(shape, local=True) if shape.local_rope_theta is not None else None
+    specs = [decoder_layer_spec(shape, config, layer, local_freq) for layer in
+             range(first, first + get_num_layers_to_build(config))]
+    block = TransformerBlockSubmodules(layer_specs=specs, layer_norm=norm_class(shape))
     tp = config.tensor_model_parallel_size
     model = GPTModel(
         config=config, transformer_layer_spec=block, vocab_size=padded_vocab(shape.vocab, tp),
@@ -165,10 +186,21 @@ def build_gpt(shape: DecoderShape, config):
     model.rotary_pos_emb.forward.cache_clear()
     if model.post_process:
         _mask_padded_logits(model, shape.vocab, ps.get_tensor_model_parallel_rank())
+    if model.pre_process and shape.embedding_scale is not None:
+        _scale_embeddings(model, shape.embedding_scale)
     if model.pre_process and config.recompute_granularity == "full":
         model.embedding.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True) if out.is_leaf else out)
     model.decoder_shape = shape
     return model
+
+
+def _scale_embeddings(model, scale: float) -> None:
+    """The word embeddings times ``scale`` rounded to the weights' dtype, as Gemma does it."""
+
+    def hook(module, _inputs, output):
+        return output * torch.tensor(scale, dtype=torch.float32).to(module.weight.dtype)
+
+    model.embedding.word_embeddings.register_forward_hook(hook)
 
 
 def _mask_padded_logits(model, vocab: int, tp_rank: int) -> None:

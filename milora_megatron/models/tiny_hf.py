@@ -1,6 +1,6 @@
-"""Tiny decoders in Hugging Face format (Llama, and Qwen2, Qwen3, Mistral for the family
-tests), built locally from transformers' own config classes: nothing is downloaded. For the
-demo, the tests and the replication scripts."""
+"""Tiny decoders in Hugging Face format, one per family (models/families/: each declares
+its own tiny config), built locally from transformers' own config classes: nothing is
+downloaded. For the demo, the tests and the replication scripts."""
 
 from __future__ import annotations
 
@@ -9,58 +9,31 @@ import math
 import torch
 
 from ..errors import ConfigError
+from .families import registered
+from .families.base import TINY  # noqa: F401  (the tiny sizes, for callers)
+from .families.llama import LLAMA3_ROPE  # noqa: F401
 
-TINY = dict(layers=4, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=1000)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+# every registered family, Llama (the reference) first
+FAMILIES = tuple(sorted((f.name for f in registered()), key=lambda name: name != "llama"))
+
+
+def family_config(family: str, tied: bool | None = None, **shape):
+    """A tiny transformers config of ``family`` (its module's ``tiny_config``)."""
+    for candidate in registered():
+        if candidate.name == family:
+            return candidate.tiny_config(tied, **shape)
+    raise ConfigError(f"no tiny config for family {family!r}; families: {list(FAMILIES)}")
 
 
 def hf_config(tied: bool = False, **shape):
-    from transformers import LlamaConfig
-
-    s = {**TINY, **shape}
-    return LlamaConfig(
-        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
-        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-        max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tied,
-        rope_parameters=dict(LLAMA3_ROPE), bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        architectures=["LlamaForCausalLM"],
-    )
+    """The tiny Llama's config."""
+    return family_config("llama", tied, **shape)
 
 
-def family_config(family: str, tied: bool = False, **shape):
-    """A tiny config of ``family`` (llama, qwen2, qwen3, mistral), GQA, with what sets the
-    family apart: Qwen2's q/k/v biases and large rope theta, Qwen3's q/k norms and a head_dim
-    that is not hidden / heads, Mistral's sliding window (here longer than any test sequence)."""
-    import transformers
-
-    if family == "llama":
-        return hf_config(tied, **shape)
-    s = {**TINY, **shape}
-    common = dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
-                  num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-                  max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=tied, bos_token_id=1,
-                  eos_token_id=2, pad_token_id=0)
-    if family == "qwen2":
-        return transformers.Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                                        architectures=["Qwen2ForCausalLM"])
-    if family == "qwen3":
-        return transformers.Qwen3Config(**common, head_dim=s.get("head_dim", 2 * s["hidden"] // s["heads"]),
-                                        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                                        architectures=["Qwen3ForCausalLM"])
-    if family == "mistral":
-        return transformers.MistralConfig(**common, sliding_window=s.get("sliding_window", 4096),
-                                          architectures=["MistralForCausalLM"])
-    raise ConfigError(f"no tiny config for family {family!r}")
-
-
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
-
-
-def make_hf_model(path: str, tied: bool = False, seed: int = 0, dtype=torch.float32,
+def make_hf_model(path: str, tied: bool | None = None, seed: int = 0, dtype=torch.float32,
                   max_shard_size: str = "100KB", family: str = "llama", **shape):
     """Save a random tiny model of ``family`` at ``path`` (sharded safetensors + index) and
-    return it.
+    return it (``tied`` None: as the family's tiny model has it).
 
     Weights are scaled so activations and logits are O(1): with HF's default 0.02 init the
     logits are ~1e-3 and any comparison at 1e-4 would be vacuous.

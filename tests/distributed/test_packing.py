@@ -1,5 +1,9 @@
 """data.pack=true: a packed sample's per-token losses equal those of its examples run one
-by one (fp32, TP=2): attention never crosses examples."""
+by one (fp32, TP=2): attention never crosses examples, with full attention and with
+windowed layers (window 3, shorter than every example, beside full ones as in Gemma 3):
+the window and the per-example mask together."""
+
+import pytest
 
 import numpy as np
 import torch
@@ -17,7 +21,10 @@ def _examples():
     return out
 
 
-def _worker():
+WINDOWED = dict(sliding_window=3, layer_types=("sliding_attention", "full_attention"), local_rope_theta=1e4)
+
+
+def _worker(windowed):
     from megatron.core import parallel_state as ps
 
     from milora_megatron.data import to_samples
@@ -25,7 +32,8 @@ def _worker():
     from milora_megatron.train.batches import micro_batches
     from milora_megatron.train.pipeline import forward
 
-    shape = DecoderShape(layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=200, max_seq=64)
+    shape = DecoderShape(layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=200, max_seq=64,
+                         **(WINDOWED if windowed else {}))
     model = build_gpt(shape, transformer_config(shape, tp=ps.get_tensor_model_parallel_world_size())).eval()
     examples = _examples()
     total = sum(len(e[0]) for e in examples)
@@ -38,11 +46,18 @@ def _worker():
             t, m, _ = to_samples([e], len(e[0]) - 1, pad_id=0, pack=False)
             alone.append(forward(model, micro_batches(t, m, [0], 1)[0], labels=True)[0])
         causal = forward(model, micro_batches(tokens, masks, [0], 1)[0], labels=True)[0]  # today's packing
-    return {"packed": packed, "alone": alone, "label_mask": masks[0, 1:], "causal": causal}
+        full = None
+        if windowed:  # the same weights without the window: the window changes the losses
+            shape.sliding_window = None
+            unwindowed = build_gpt(shape, transformer_config(shape, tp=ps.get_tensor_model_parallel_world_size()))
+            unwindowed.load_state_dict(model.state_dict())
+            full = forward(unwindowed.eval(), micro_batches(tokens, masks, [0], 1, positions)[0], labels=True)[0]
+    return {"packed": packed, "alone": alone, "label_mask": masks[0, 1:], "causal": causal, "full": full}
 
 
-def test_packed_losses_equal_unpacked():
-    result = run_distributed(_worker, 2, tp=2)[0]
+@pytest.mark.parametrize("windowed", [False, True])
+def test_packed_losses_equal_unpacked(windowed):
+    result = run_distributed(_worker, 2, tp=2, windowed=windowed)[0]
     packed, mask = result["packed"], result["label_mask"]
     start, compared = 0, 0
     for loss in result["alone"]:
@@ -56,3 +71,5 @@ def test_packed_losses_equal_unpacked():
     # without the per-example mask (one causal sequence) later examples see earlier ones
     later = (mask > 0) & (torch.arange(mask.shape[0]) > 6)
     assert (result["causal"][later] - packed[later]).abs().max() > 1e-3
+    if windowed:
+        assert (result["full"][mask > 0] - packed[mask > 0]).abs().max() > 1e-3

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from hf_tiny import make_hf_model
+from hf_tiny import FAMILIES, make_hf_model
 from safetensors.torch import load_file
 
 from milora_megatron.convert.exporter import export_merged
@@ -34,9 +34,9 @@ def _all_tensors(folder):
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
     dirs = {}
-    for key, family, tied, dtype in (("untied_bf16", "llama", False, torch.bfloat16),
-                                     ("tied_fp32", "llama", True, torch.float32), ("qwen2", "qwen2", True, torch.bfloat16),
-                                     ("qwen3", "qwen3", False, torch.bfloat16), ("mistral", "mistral", False, torch.bfloat16)):
+    models = [("untied_bf16", "llama", False, torch.bfloat16), ("tied_fp32", "llama", True, torch.float32)]
+    models += [(family, family, None, torch.bfloat16) for family in FAMILIES if family != "llama"]
+    for key, family, tied, dtype in models:
         make_hf_model(str(root / key), tied=tied, dtype=dtype, seed=3, family=family)
         with open(root / key / "tokenizer_config.json", "w") as f:  # a side file that must travel along
             json.dump({"model_max_length": 256}, f)
@@ -45,7 +45,7 @@ def hf_dirs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("key,dtype", [("untied_bf16", None), ("tied_fp32", None), ("untied_bf16", "fp32"),
-                                       ("qwen2", None), ("qwen3", None), ("mistral", None)])
+                                       *((family, None) for family in FAMILIES if family != "llama")])
 def test_round_trip_is_bit_identical(hf_dirs, tmp_path, key, dtype):
     _, dirs = hf_dirs
     ckpt = convert_hf_to_megatron(dirs[key], str(tmp_path / "ckpt"), tp=2, pp=2, dtype=dtype, progress=False)

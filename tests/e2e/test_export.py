@@ -98,7 +98,7 @@ def families_trained(tmp_path_factory):
     tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
     logits = {}
     for family in FAMILIES[1:]:
-        make_hf_model(str(root / family / "hf"), tied=family == "qwen2", seed=8, family=family)
+        make_hf_model(str(root / family / "hf"), seed=8, family=family)
         ckpt = convert_hf_to_megatron(str(root / family / "hf"), str(root / family / "ckpt"), tp=2, progress=False)
         logits[family] = run_distributed(_train_worker, 2, tp=2, ckpt=ckpt, run_root=str(root / family / "runs"),
                                          tokens=tokens, cases=[("milora", "branch")])[0][("milora", "branch")]

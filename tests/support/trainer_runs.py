@@ -22,7 +22,7 @@ def make_inputs(root, family: str = "llama", **shape) -> str:
 
     records = alpaca_records(48)
     texts = [json.dumps(r) for r in records] * 4
-    make_hf_model(str(root / "hf"), tied=family == "qwen2", seed=7, vocab=512, family=family, **shape)
+    make_hf_model(str(root / "hf"), seed=7, vocab=512, family=family, **shape)
     make_tokenizer(str(root / "hf"), texts, vocab=512)
     ckpt = convert_hf_to_megatron(str(root / "hf"), str(root / "ckpt"), tp=2, pp=2, progress=False)
     with open(root / "train.jsonl", "w") as f:

@@ -1,14 +1,18 @@
-"""What every family shares: reading the Llama-like part of an HF config."""
+"""What every family shares: reading the Llama-like part of an HF config, and the sizes of
+the tiny test models."""
 
 from __future__ import annotations
 
 from typing import ClassVar
 
 from ...errors import CheckpointError
+from ...mapping.decoder import LAYER_NORMS
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 # what every family's config must give: the model's sizes
 SIZE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+# the tiny models every family's tests are built at (models/tiny_hf.py)
+TINY = dict(layers=4, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=1000)
 
 _REGISTRY: dict[str, "Family"] = {}
 
@@ -23,15 +27,22 @@ def registered() -> list["Family"]:
 
 
 class Family:
-    """One HF decoder family. ``read`` returns the shape fields (``models.decoder.DecoderShape``)."""
+    """One HF decoder family, declared in one module: which configs it reads (``architectures``,
+    ``model_type``), what it refuses (``check``), what its layers hold beyond Llama's (the class
+    attributes below, and ``read`` for the rest of ``models.decoder.DecoderShape``), and its
+    tiny test model (``tiny_config``). Tests iterate the registry, so a new family is tested
+    wherever the others are."""
 
     name: ClassVar[str]
     architectures: ClassVar[tuple[str, ...]]
     model_type: ClassVar[str]
     qkv_bias: ClassVar[bool] = False  # biases on q, k, v (not o), fused like the weight
     qk_norm: ClassVar[bool] = False  # per-head RMSNorm on q and k before rope
+    norms: ClassVar[dict[str, str]] = LAYER_NORMS  # HF layer norm -> megatron (mapping/decoder.py)
+    tiny_tied: ClassVar[bool] = False  # whether its tiny test model ties the embeddings
 
     def read(self, cfg: dict) -> dict:
+        """The ``DecoderShape`` fields of an HF config dict."""
         self.check(cfg)
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -47,9 +58,9 @@ class Family:
             layers=size["num_hidden_layers"], hidden=size["hidden_size"], heads=heads, kv_heads=kv,
             ffn=size["intermediate_size"], vocab=size["vocab_size"], head_dim=cfg.get("head_dim"),
             max_seq=cfg.get("max_position_embeddings", 4096), rope_theta=float(theta),
-            rope_scaling=rope if rope_type == "llama3" else None, rms_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_scaling=rope if rope_type != "default" else None, rms_eps=cfg.get("rms_norm_eps", 1e-5),
             tied=bool(cfg.get("tie_word_embeddings", False)), family=self.name, qkv_bias=self.qkv_bias,
-            qk_norm=self.qk_norm, sliding_window=self.sliding_window(cfg),
+            qk_norm=self.qk_norm, norms=dict(self.norms), sliding_window=self.sliding_window(cfg),
         )
 
     def check(self, cfg: dict) -> None:
@@ -57,9 +68,21 @@ class Family:
         expect(cfg, self.name, hidden_act="silu", attention_bias=False, mlp_bias=False)
 
     def sliding_window(self, cfg: dict) -> int | None:
-        """The attention window, None when attention is full (the trainer refuses a window
-        shorter than its sequences: full causal attention cannot honour it)."""
+        """How far attention reaches back, None when it is full."""
         return None
+
+    def tiny_config(self, tied: bool | None = None, **shape):
+        """A tiny transformers config of this family (GQA, ``TINY`` sizes unless ``shape``
+        says otherwise) with what sets the family apart, built by transformers' own class."""
+        raise NotImplementedError
+
+    def tiny_sizes(self, tied: bool | None, **shape) -> dict:
+        """The config keys every tiny model shares, for ``tiny_config``."""
+        s = {**TINY, **shape}
+        return dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                    num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                    max_position_embeddings=256, tie_word_embeddings=self.tiny_tied if tied is None else tied,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=0, architectures=[self.architectures[0]])
 
 
 def expect(cfg: dict, family: str, **expected) -> None:

@@ -20,7 +20,15 @@ class Qwen2(Family):
     architectures = ("Qwen2ForCausalLM",)
     model_type = "qwen2"
     qkv_bias = True
+    tiny_tied = True
 
     def check(self, cfg: dict) -> None:
         expect(cfg, self.name, hidden_act="silu", mlp_bias=False)
         full_attention_only(cfg, self.name)
+
+    def tiny_config(self, tied=None, **shape):
+        """Large rope theta, tied embeddings as the small Qwen2.5 sizes have them."""
+        from transformers import Qwen2Config
+
+        return Qwen2Config(**self.tiny_sizes(tied, **shape), rms_norm_eps=1e-6,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1e6})
