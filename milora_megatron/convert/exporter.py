@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -198,6 +199,14 @@ def _copy_side_files(base: BaseCheckpoint, folder: str, dtype: str | None) -> No
             json.dump(config, f, indent=2)
 
 
+def _target_modules(targets, wrapper: dict | None):
+    """PEFT's ``target_modules``: the projection names, or, for a multimodal original, a
+    pattern that matches its text decoder's projections only (a vision tower has q_proj too)."""
+    if not wrapper:
+        return list(targets)
+    return re.escape(wrapper["module_prefix"]) + r"layers\.\d+\.(self_attn|mlp)\.(" + "|".join(targets) + ")"
+
+
 def export_peft(path: str, out: str, dtype: str | None = None, overwrite: bool = False, verify: bool = True,
                 base_path: str | None = None) -> str:
     """A PEFT LoRA folder that applies to the ORIGINAL base model.
@@ -216,18 +225,22 @@ def export_peft(path: str, out: str, dtype: str | None = None, overwrite: bool =
     has_initial = any(k.endswith(".lora_A0") for k in factors)
     rank, alpha = peft["rank"], float(peft["alpha"])
     tensors = {}
+    # a multimodal source (models/families: Wrapper): the adapter is for that original model,
+    # whose text decoder's modules sit under the wrapper's prefix
+    wrapper = base.manifest["source"].get("wrapper")
     for key in sorted(k for k in factors if k.endswith(".lora_A")):
         module = key[: -len(".lora_A")]
         a, b = factors[f"{module}.lora_A"], factors[f"{module}.lora_B"]
         if has_initial:
             a = torch.cat([a, factors[f"{module}.lora_A0"]], dim=0)
             b = torch.cat([b, -factors[f"{module}.lora_B0"]], dim=1)
-        tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(cast).contiguous()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(cast).contiguous()
+        name = wrapper["module_prefix"] + module.removeprefix("model.") if wrapper else module
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(cast).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.to(cast).contiguous()
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base.manifest["source"]["hf_dir"],
         "r": 2 * rank if has_initial else rank, "lora_alpha": 2 * alpha if has_initial else alpha,
-        "lora_dropout": peft["dropout"], "target_modules": list(peft["targets"]), "bias": "none",
+        "lora_dropout": peft["dropout"], "target_modules": _target_modules(peft["targets"], wrapper), "bias": "none",
         "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "use_rslora": False,
         "use_dora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
     }

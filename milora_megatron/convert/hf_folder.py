@@ -75,6 +75,29 @@ class HFFolder:
         for name, shard in self.weight_map.items():
             if name not in self.headers[shard]:
                 raise CheckpointError(f"{shard} does not contain {name}, which {INDEX_NAME} places there")
+        self.disk_names = {name: name for name in self.weight_map}  # our name -> the file's
+        self.wrapper, self.left_out = None, []
+        self._read_text_model_only()
+
+    def _read_text_model_only(self) -> None:
+        """A multimodal checkpoint whose text decoder a family reads (models/families:
+        ``Wrapper``): from here on the folder is that text model; the rest is ``left_out``."""
+        from ..models.families import text_config, wrapper_for
+
+        found = wrapper_for(self.config)
+        if found is None:
+            return
+        family, self.wrapper = found
+        self.config = text_config(self.config, family, self.wrapper)
+        renamed = {}
+        for name in self.weight_map:
+            prefix = next((p for p in self.wrapper.weight_prefixes if name.startswith(p)), None)
+            if prefix is None:
+                self.left_out.append(name)
+            else:
+                renamed[self.wrapper.weight_prefixes[prefix] + name[len(prefix):]] = name
+        self.weight_map = {ours: self.weight_map[disk] for ours, disk in renamed.items()}
+        self.disk_names = renamed
 
     def _weight_map(self) -> dict[str, str]:
         index = os.path.join(self.path, INDEX_NAME)
@@ -104,20 +127,21 @@ class HFFolder:
         return list(self.weight_map)
 
     def dtype_of(self, name: str) -> str:
-        code = self.headers[self.weight_map[name]][name]["dtype"]
+        code = self.headers[self.weight_map[name]][self.disk_names[name]]["dtype"]
         return {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}.get(code, code)
 
     def shape_of(self, name: str) -> tuple[int, ...]:
-        return tuple(self.headers[self.weight_map[name]][name]["shape"])
+        return tuple(self.headers[self.weight_map[name]][self.disk_names[name]]["shape"])
 
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise CheckpointError(f"{self.path} has no tensor {name}")
         with safe_open(os.path.join(self.path, self.weight_map[name]), framework="pt") as f:
-            return f.get_tensor(name)
+            return f.get_tensor(self.disk_names[name])
 
     def shard_files(self) -> list[str]:
-        return sorted(set(self.weight_map.values()))
+        """Every shard the folder's index names (a wrapper's left-out tensors' shards included)."""
+        return sorted(set(self.headers))
 
     def side_files(self) -> list[str]:
         """Config, generation config, tokenizer files...: everything but weights and subfolders."""

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 
 import torch
 from safetensors.torch import save_file
@@ -68,6 +69,10 @@ def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtyp
     hf_dir, hub_record = hub.resolve(hf_dir, revision)
     hf = HFFolder(hf_dir)
     shape = DecoderShape.from_hf_config(hf.config)
+    if hf.wrapper is not None:
+        print(f"{hf.wrapper.architecture}: reading its language model only, as {hf.config['architectures'][0]}; "
+              f"the other {len(hf.left_out)} tensors (vision tower, projector) are left out, and exports are "
+              "the text model", file=sys.stderr)
     shape.check_parallel(tp, pp)
     check_hf_tensors(hf, shape)
     check_output(out, overwrite)
@@ -107,6 +112,9 @@ def _write_checkpoint(hf: HFFolder, shape: DecoderShape, out: str, overwrite: bo
         os.makedirs(side)
         for name in hf.side_files():
             shutil.copy2(os.path.join(hf.path, name), side)
+        if hf.wrapper is not None:  # exports are the text model: its own config
+            with open(os.path.join(side, "config.json"), "w") as f:
+                json.dump(hf.config, f, indent=2)
         units = tqdm(total=shape.layers + 2, desc=f"convert {os.path.basename(hf.path)}", unit="part",
                      disable=not progress)
         write(tmp, "embedding.safetensors", {EMBEDDING[1]: hf.tensor(EMBEDDING[0])})
@@ -131,6 +139,8 @@ def _write_checkpoint(hf: HFFolder, shape: DecoderShape, out: str, overwrite: bo
             "dtype": dtype or "source", "parallel": {"tp": tp, "pp": pp}, "hf_config": hf.config,
             "padded_vocab_multiple": "128 x TP (applied when a model is built; files hold the real vocabulary)",
             "source": {"hf_dir": hf.path, "shards": shards, **({"hub": hub_record} if hub_record else {}),
+                       **({"wrapper": {"architecture": hf.wrapper.architecture, "left_out": len(hf.left_out),
+                                       "module_prefix": hf.wrapper.module_prefix}} if hf.wrapper else {}),
                        "dtypes": {n: hf.dtype_of(n) for n in expected_hf_shapes(shape)}},
             "files": files, "weight_map": weight_map,
         }

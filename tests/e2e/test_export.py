@@ -137,6 +137,58 @@ def test_families_export_equals_peft_merge(families_trained, family):
         assert (ours[name] - tensor).abs().max() <= 1e-5, name
 
 
+def _tiny_gemma3_multimodal(path: str):
+    """A tiny Gemma3ForConditionalGeneration (the 4B/12B/27B architecture) around the tiny
+    Gemma 3 text model, weights scaled as make_hf_model scales them, saved as transformers
+    saves it (the Hub's layout: ``language_model.model.*``, ``vision_tower.*``)."""
+    import math
+
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    from milora_megatron.models.tiny_hf import family_config
+
+    torch.manual_seed(9)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=family_config("gemma3").to_dict(),
+                                                        vision_config=vision.to_dict(), mm_tokens_per_image=4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if p.ndim == 1 else p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def test_gemma3_multimodal_is_read_as_its_text_model(tmp_path, capfd):
+    """Gemma3ForConditionalGeneration: its language model converts (a one-line notice names
+    what is left out), trains at TP=2, and exports as a text-only Gemma3ForCausalLM whose
+    logits are megatron's; the PEFT adapter loads onto the ORIGINAL multimodal model (its
+    module names) and gives the same logits on text."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
+
+    from milora_megatron.convert.exporter import export_merged, export_peft
+    from milora_megatron.convert.importer import convert_hf_to_megatron
+
+    original = _tiny_gemma3_multimodal(str(tmp_path / "hf"))
+    ckpt = convert_hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "ckpt"), tp=2, progress=False)
+    notice = [line for line in capfd.readouterr().err.splitlines() if "Gemma3ForConditionalGeneration" in line]
+    assert len(notice) == 1 and "as Gemma3ForCausalLM" in notice[0] and "left out" in notice[0], notice
+    tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
+    ours = run_distributed(_train_worker, 2, tp=2, ckpt=ckpt, run_root=str(tmp_path / "runs"), tokens=tokens,
+                           cases=[("milora", "branch")])[0][("milora", "branch")]
+    run = str(tmp_path / "runs" / "milora_branch")
+    merged = AutoModelForCausalLM.from_pretrained(export_merged(run, str(tmp_path / "merged"), progress=False))
+    assert type(merged).__name__ == "Gemma3ForCausalLM"
+    peft = PeftModel.from_pretrained(original, export_peft(run, str(tmp_path / "peft"))).eval()
+    assert sum(".lora_A." in n for n, _ in peft.named_parameters()) == 4 * 7
+    with torch.no_grad():
+        merged_logits, peft_logits = merged(tokens).logits, peft(input_ids=tokens).logits
+        base_logits = Gemma3ForConditionalGeneration.from_pretrained(str(tmp_path / "hf"))(input_ids=tokens).logits
+    assert (merged_logits - base_logits).abs().max() > 50 * TOL
+    assert (merged_logits - ours).abs().max() <= TOL and (peft_logits - merged_logits).abs().max() <= TOL
+
+
 def test_export_errors(trained, tmp_path):
     import shutil
 

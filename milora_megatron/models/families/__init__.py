@@ -13,7 +13,7 @@ import importlib
 import pkgutil
 
 from ...errors import CheckpointError
-from .base import Family, register, registered
+from .base import Family, Wrapper, register, registered
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base":
@@ -32,4 +32,25 @@ def family_for(cfg: dict) -> Family:
                      f"supported: {supported}")
 
 
-__all__ = ["Family", "family_for", "register", "registered"]
+def wrapper_for(cfg: dict) -> tuple[Family, Wrapper] | None:
+    """The family and wrapper of a multimodal config whose text decoder a family reads."""
+    archs = set(cfg.get("architectures") or [])
+    for family in registered():
+        for wrapper in family.wrappers:
+            if wrapper.architecture in archs:
+                return family, wrapper
+    return None
+
+
+def text_config(cfg: dict, family: Family, wrapper: Wrapper) -> dict:
+    """A wrapper's ``text_config`` as the config of the family's own text model."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise CheckpointError(f"{wrapper.architecture} config has no text_config (a damaged config.json)")
+    out = {**text, "architectures": [family.architectures[0]], "model_type": family.model_type}
+    if "tie_word_embeddings" not in text and "tie_word_embeddings" in cfg:
+        out["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    return out
+
+
+__all__ = ["Family", "Wrapper", "family_for", "register", "registered", "text_config", "wrapper_for"]

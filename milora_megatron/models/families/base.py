@@ -3,6 +3,7 @@ the tiny test models."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 from ...errors import CheckpointError
@@ -15,6 +16,19 @@ SIZE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "interme
 TINY = dict(layers=4, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=1000)
 
 _REGISTRY: dict[str, "Family"] = {}
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    """A multimodal checkpoint whose text decoder is one of this family's, read text-only:
+    its config's ``text_config`` and the weights under ``weight_prefixes`` (on-disk prefix ->
+    the text model's); everything else (a vision tower, a projector) is left out, and
+    exports are the text model. ``module_prefix``: where the text model's ``model.`` modules
+    sit inside the wrapper, for adapters loaded onto the original."""
+
+    architecture: str
+    weight_prefixes: dict
+    module_prefix: str
 
 
 def register(cls):
@@ -40,6 +54,7 @@ class Family:
     qk_norm: ClassVar[bool] = False  # per-head RMSNorm on q and k before rope
     norms: ClassVar[dict[str, str]] = LAYER_NORMS  # HF layer norm -> megatron (mapping/decoder.py)
     tiny_tied: ClassVar[bool] = False  # whether its tiny test model ties the embeddings
+    wrappers: ClassVar[tuple[Wrapper, ...]] = ()  # multimodal checkpoints read as this family's text model
 
     def read(self, cfg: dict) -> dict:
         """The ``DecoderShape`` fields of an HF config dict."""

@@ -2,7 +2,7 @@
 
 from ...errors import CheckpointError
 from ...mapping.decoder import POST_ATTENTION_NORM, POST_MLP_NORM
-from .base import Family, expect, register
+from .base import Family, Wrapper, expect, register
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -22,6 +22,11 @@ class Gemma3(Family):
     model_type = "gemma3_text"
     qk_norm = True
     tiny_tied = True
+    # 4B, 12B, 27B: Gemma3ForConditionalGeneration, its language model read as this text model
+    wrappers = (Wrapper("Gemma3ForConditionalGeneration",
+                        weight_prefixes={"language_model.model.": "model.", "model.language_model.": "model.",
+                                         "language_model.lm_head.": "lm_head.", "lm_head.": "lm_head."},
+                        module_prefix="model.language_model."),)
     norms = {
         "input_layernorm.weight": "input_layernorm.weight",
         "post_attention_layernorm.weight": POST_ATTENTION_NORM,
