@@ -49,6 +49,36 @@ class _CudaOnCpu(types.SimpleNamespace):
     def is_available():
         return False
 
+    # the MoE all-to-all dispatcher copies its split sizes to the host on a side stream and
+    # waits on an event; on the CPU everything is already in order
+    @staticmethod
+    def Stream(*_args, **_kwargs):
+        return _CPU_STREAM
+
+    @staticmethod
+    def current_stream(*_args, **_kwargs):
+        return _CPU_STREAM
+
+    @staticmethod
+    def stream(_stream):
+        return contextlib.nullcontext()
+
+
+class _CpuStream:
+    """The one stream of a CPU run: waits and events are already satisfied."""
+
+    def wait_stream(self, _other) -> None:
+        return None
+
+    def record_event(self, *_args, **_kwargs) -> "_CpuStream":
+        return self
+
+    def synchronize(self) -> None:
+        return None
+
+
+_CPU_STREAM = _CpuStream()
+
 
 class _TorchOnCpu(types.ModuleType):
     """A ``torch`` look-alike whose tensor factories map the CUDA device to the CPU."""
@@ -130,14 +160,77 @@ def _patch_tied_embedding_setup() -> None:
     LanguageModule.setup_embeddings_and_output_layer = setup
 
 
+def _patch_moe_split_sizes() -> None:
+    """The all-to-all dispatcher moves its split sizes to the host as numpy arrays, but only
+    when they are CUDA tensors; on the CPU they stay tensors, which the collective's binding
+    refuses: hand it plain numpy arrays there too."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    original = token_dispatcher.maybe_move_tensor_to_cpu
+
+    @functools.wraps(original)
+    def to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host
+
+
+def _patch_uneven_collectives() -> None:
+    """gloo's all_gather and reduce_scatter take equal-sized tensors only; megatron's MoE
+    dispatcher gathers and reduce-scatters uneven token counts over the expert-TP group
+    (``output_split_sizes`` / ``input_split_sizes``). On the CPU: the gather pads every
+    part to the longest and trims it back; the reduce-scatter all-reduces the whole input
+    and keeps this rank's part (the same sums, more traffic, which a CPU run can afford)."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    @functools.wraps(gather)
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1 or len(set(output_split_sizes)) == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in output_split_sizes]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, output_split_sizes)])
+
+    @functools.wraps(reduce_scatter)
+    def reduce_scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return torch.split(total, list(input_split_sizes), dim=0)[group.rank()].clone()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_uneven
+
+
 def _no_cuda_rng_state(*_args, **_kwargs) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8)
 
 
+def _define_missing_te_names() -> None:
+    """Without transformer-engine, megatron's MoE utilities leave ``te_general_gemm``
+    undefined yet test it against None in the router's gating GEMM (a NameError on any
+    device): define it as None, so the router takes its torch path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not moe_utils.HAVE_TE and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def apply(device) -> bool:
-    """Adapt megatron-core for a run on ``device`` (a no-op unless it is the CPU). Idempotent;
-    returns True if the CPU adaptation is in place. Call it before building models or seeding."""
+    """Adapt megatron-core for a run on ``device`` (the CPU shims only on the CPU; the
+    missing-transformer-engine names everywhere). Idempotent; returns True if the CPU
+    adaptation is in place. Call it before building models or seeding."""
     global _APPLIED
+    _define_missing_te_names()
     if _APPLIED or torch.device(device).type != "cpu":
         return _APPLIED
     torch_on_cpu = _TorchOnCpu()
@@ -161,6 +254,11 @@ def apply(device) -> bool:
         "megatron.core.distributed.param_and_grad_buffer",
         "megatron.core.distributed.distributed_data_parallel",
         "megatron.core.distributed.finalize_model_grads",
+        "megatron.core.transformer.moe.router",
+        "megatron.core.transformer.moe.experts",
+        "megatron.core.transformer.moe.token_dispatcher",
+        "megatron.core.transformer.moe.moe_utils",
+        "megatron.core.transformer.moe.moe_layer",
     ):
         try:
             module = importlib.import_module(module_name)
@@ -180,6 +278,8 @@ def apply(device) -> bool:
     mp_random._set_cuda_rng_state = lambda *_args, **_kwargs: None
     tf_utils.get_default_causal_mask = _causal_mask_cpu
     _patch_tied_embedding_setup()
+    _patch_moe_split_sizes()
+    _patch_uneven_collectives()
     _APPLIED = True
     return True
 

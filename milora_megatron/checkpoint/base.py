@@ -27,6 +27,7 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError, MissingPathError, UserError
 from ..mapping.decoder import EMBEDDING, LM_HEAD, layout_of
+from ..mapping.experts import expert_of, with_expert
 from ..models.decoder import DecoderShape, padded_vocab
 from .atomic import PARTIAL_SUFFIX, check_recorded_files, read_json, sha256_file
 
@@ -135,24 +136,31 @@ class BaseCheckpoint:
     @torch.no_grad()
     def load_into(self, model, tp_rank: int = 0, tp_size: int = 1) -> None:
         """Copy this TP rank's slice of every base parameter of a GPTModel stage (built by
-        ``models.decoder.build_gpt``, any TP/PP) from the files. Adapter parameters are skipped;
-        a parameter the checkpoint lacks is an error."""
+        ``models.decoder.build_gpt``, any TP/PP/EP) from the files. An expert's parameters are
+        read for the global expert the module holds, sliced for its expert-TP rank (both
+        read off the model's experts modules). Adapter parameters are skipped; a parameter
+        the checkpoint lacks is an error."""
         local_to_global = {}
         decoder = getattr(model, "decoder", None)
         for j, layer in enumerate(decoder.layers if decoder is not None else []):
             local_to_global[f"decoder.layers.{j}."] = f"decoder.layers.{layer.layer_number - 1}."
+        experts = _expert_placement(model)
         handles = {}
         with contextlib.ExitStack() as open_files:
             for name, param in model.named_parameters():
                 if ".adapters." in name:
                     continue
                 global_name = self._global_name(name, local_to_global)
+                shard = (tp_rank, tp_size)
+                if expert_of(name) is not None:
+                    offset, shard = experts[name.split(".local_experts.")[0]]
+                    global_name = with_expert(global_name, offset + expert_of(name)[0])
                 file = self.weight_map.get(global_name)
                 if file is None:
                     raise CheckpointError(f"base checkpoint {self.path} has no tensor for parameter {name} ({global_name})")
                 if file not in handles:
                     handles[file] = open_files.enter_context(safe_open(os.path.join(self.path, file), framework="pt"))
-                param.copy_(self._read_shard(handles[file], global_name, tuple(param.shape), param.dtype, tp_rank, tp_size))
+                param.copy_(self._read_shard(handles[file], global_name, tuple(param.shape), param.dtype, *shard))
 
     def _global_name(self, name: str, local_to_global: dict[str, str]) -> str:
         if name == LM_HEAD[1] and self.shape.tied:
@@ -171,7 +179,12 @@ class BaseCheckpoint:
             if stop > start:
                 out[: stop - start] = sliced[start:stop]
             return out
-        layout = layout_of(name, self.layouts)
+        found = expert_of(name)
+        if found is not None:
+            layer = int(name.split(".")[2])
+            layout = self.shape.sparse(layer).layouts()[found[1]]
+        else:
+            layout = layout_of(name, self.layouts)
         shape = tuple(sliced.get_shape())
         index = [(slice(None),)] if layout is None else layout.shard_index(shape, tp_size, tp_rank)  # norms: whole
         parts = [sliced[idx] for idx in index]
@@ -180,3 +193,17 @@ class BaseCheckpoint:
             raise CheckpointError(f"{self.path}: {name}: checkpoint slice {tuple(out.shape)} does not match the "
                                   f"model's {local_shape}")
         return out
+
+
+def _expert_placement(model) -> dict[str, tuple[int, tuple[int, int]]]:
+    """For each experts module of a model stage (megatron's ``SequentialMLP``, by its
+    parameter-name prefix): the global index of its first local expert, and its
+    expert-tensor-parallel (rank, size)."""
+    out = {}
+    for prefix, module in model.named_modules():
+        if hasattr(module, "local_experts") and hasattr(module, "ep_group"):
+            ep_rank = module.ep_group.rank() if module.ep_group is not None else 0
+            etp = module.tp_group
+            out[f"{prefix}"] = (ep_rank * module.num_local_experts,
+                                (etp.rank(), etp.size()) if etp is not None else (0, 1))
+    return out

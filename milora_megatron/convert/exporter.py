@@ -158,9 +158,8 @@ def export_merged(path: str, out: str, dtype: str | None = None, max_shard_bytes
                    disable=not progress)
         emit(EMBEDDING[0], base.tensor(EMBEDDING[1]))
         bar.update()
-        layouts = shape.layer_layouts()
         for i in range(shape.layers):
-            hf = megatron_to_hf_layer(base.layer_tensors(i), layouts, shape.norms)
+            hf = megatron_to_hf_layer(base.layer_tensors(i), shape.layer_layouts(i), shape.norms, shape.sparse(i))
             factors = adapter.tensors(prefix=hf_layer_prefix(i)) if adapter is not None else {}
             for name in list(hf):  # pop: each tensor is released once written
                 full = hf_layer_prefix(i) + name

@@ -36,9 +36,8 @@ def expected_hf_shapes(shape: DecoderShape) -> dict[str, tuple[int, ...]]:
     out = {EMBEDDING[0]: (shape.vocab, shape.hidden), FINAL_NORM[0]: (shape.hidden,)}
     if not shape.tied:
         out[LM_HEAD[0]] = (shape.vocab, shape.hidden)
-    layer = shape.layer_shapes()
     for i in range(shape.layers):
-        out.update({hf_layer_prefix(i) + n: s for n, s in layer.items()})
+        out.update({hf_layer_prefix(i) + n: s for n, s in shape.layer_shapes(i).items()})
     return out
 
 
@@ -119,10 +118,9 @@ def _write_checkpoint(hf: HFFolder, shape: DecoderShape, out: str, overwrite: bo
                      disable=not progress)
         write(tmp, "embedding.safetensors", {EMBEDDING[1]: hf.tensor(EMBEDDING[0])})
         units.update()
-        layouts = shape.layer_layouts()
         for i in range(shape.layers):
-            layer = {n: hf.tensor(hf_layer_prefix(i) + n) for n in shape.layer_shapes()}
-            meg = hf_to_megatron_layer(layer, layouts, shape.norms)
+            layer = {n: hf.tensor(hf_layer_prefix(i) + n) for n in shape.layer_shapes(i)}
+            meg = hf_to_megatron_layer(layer, shape.layer_layouts(i), shape.norms, shape.sparse(i))
             del layer
             write(tmp, fmt.layer_file(i), {megatron_layer_prefix(i) + k: v for k, v in meg.items()})
             del meg

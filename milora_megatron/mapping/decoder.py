@@ -4,6 +4,9 @@ to the Llama layer is declared by the family (models/families/) and passed in he
 table of norms (``norms``: Gemma 3 has four per layer), Qwen2's q/k/v biases, the q/k norms
 of Qwen3 and Gemma 3.
 
+A sparse (mixture-of-experts) layer has no dense MLP: its router and experts are mapped by
+``mapping/experts.py`` (``sparse``), the rest of the layer as here.
+
 Megatron's *global* layout (the one every TP size slices, and megatron's distributed
 checkpoints store): ``linear_qkv`` as query groups one after another, each [q heads; k; v];
 ``linear_fc1`` as [gate; up]. Base checkpoints are stored in it (checkpoint/base.py).
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .experts import SparseMLP
 from .fused import FusedLayout
 from .projections import PROJECTIONS
 
@@ -37,6 +41,7 @@ QKV_BIAS_MODULE = "self_attention.linear_qkv"
 QKV_BIASES = ("q_proj", "k_proj", "v_proj")
 PROJECTION_WEIGHTS = tuple(p.hf_weight for p in PROJECTIONS.values())
 HF_LAYER_NAMES = (*LAYER_NORMS, *PROJECTION_WEIGHTS)  # Llama's
+DENSE_MLP = ("mlp.linear_fc1", "mlp.linear_fc2")  # the linears a sparse layer does not have
 
 
 def hf_bias(projection: str) -> str:
@@ -70,12 +75,17 @@ def layer_layouts(heads: int, kv_heads: int, head_dim: int, ffn: int, hidden: in
 
 
 def hf_layer_shapes(heads: int, kv_heads: int, head_dim: int, ffn: int, hidden: int, qkv_bias: bool = False,
-                    qk_norm: bool = False, norms: dict = LAYER_NORMS) -> dict[str, tuple[int, ...]]:
-    """The shape of every HF tensor of a decoder layer (names relative to the layer)."""
+                    qk_norm: bool = False, norms: dict = LAYER_NORMS,
+                    sparse: SparseMLP | None = None) -> dict[str, tuple[int, ...]]:
+    """The shape of every HF tensor of a decoder layer (names relative to the layer);
+    ``sparse``: the layer's MLP is that router and its experts."""
     q, kv = heads * head_dim, kv_heads * head_dim
     rows = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
             "gate_proj": (ffn, hidden), "up_proj": (ffn, hidden), "down_proj": (hidden, ffn)}
-    out = {**{name: (hidden,) for name in norms}, **{p.hf_weight: rows[p.name] for p in PROJECTIONS.values()}}
+    dense = [p for p in PROJECTIONS.values() if sparse is None or p.megatron_module not in DENSE_MLP]
+    out = {**{name: (hidden,) for name in norms}, **{p.hf_weight: rows[p.name] for p in dense}}
+    if sparse is not None:
+        out.update(sparse.hf_shapes())
     if qkv_bias:
         out.update({hf_bias(p): rows[p][:1] for p in QKV_BIASES})
     if qk_norm:
@@ -84,20 +94,23 @@ def hf_layer_shapes(heads: int, kv_heads: int, head_dim: int, ffn: int, hidden: 
 
 
 def hf_to_megatron_layer(hf: dict[str, torch.Tensor], layouts: dict[str, FusedLayout],
-                         norms: dict = LAYER_NORMS) -> dict[str, torch.Tensor]:
+                         norms: dict = LAYER_NORMS, sparse: SparseMLP | None = None) -> dict[str, torch.Tensor]:
     """One layer: HF names (relative to the layer) -> megatron names, global layout. The
-    family's extra tensors (q/k/v biases, q/k norms) are converted when present."""
+    family's extra tensors (q/k/v biases, q/k norms) are converted when present; a sparse
+    layer's ``layouts`` hold no dense MLP, its experts come from ``sparse``."""
     copies = {**norms, **{n: m for n, m in QK_NORMS.items() if n in hf}}
     out = {meg: hf[name] for name, meg in copies.items()}
     for module, layout in layouts.items():
         out[f"{module}.weight"] = layout.fuse({p: hf[PROJECTIONS[p].hf_weight] for p, _ in layout.pieces})
     if hf_bias("q_proj") in hf:
         out[f"{QKV_BIAS_MODULE}.bias"] = layouts[QKV_BIAS_MODULE].fuse({p: hf[hf_bias(p)] for p in QKV_BIASES})
+    if sparse is not None:
+        out.update(sparse.to_megatron(hf))
     return out
 
 
 def megatron_to_hf_layer(meg: dict[str, torch.Tensor], layouts: dict[str, FusedLayout],
-                         norms: dict = LAYER_NORMS) -> dict[str, torch.Tensor]:
+                         norms: dict = LAYER_NORMS, sparse: SparseMLP | None = None) -> dict[str, torch.Tensor]:
     """The exact inverse of ``hf_to_megatron_layer``."""
     copies = {**norms, **{n: m for n, m in QK_NORMS.items() if m in meg}}
     out = {name: meg[m] for name, m in copies.items()}
@@ -107,6 +120,8 @@ def megatron_to_hf_layer(meg: dict[str, torch.Tensor], layouts: dict[str, FusedL
     if f"{QKV_BIAS_MODULE}.bias" in meg:
         for p, tensor in layouts[QKV_BIAS_MODULE].unfuse(meg[f"{QKV_BIAS_MODULE}.bias"]).items():
             out[hf_bias(p)] = tensor
+    if sparse is not None:
+        out.update(sparse.to_hf(meg))
     return out
 
 

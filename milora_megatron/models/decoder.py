@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..mapping.decoder import LAYER_NORMS, hf_layer_shapes, layer_layouts
+from ..mapping.decoder import DENSE_MLP, LAYER_NORMS, hf_layer_shapes, layer_layouts
+from ..mapping.experts import ExpertNames, SparseMLP
 
 VOCAB_PAD_MULTIPLE = 128
 ACTIVATIONS = {"silu": torch.nn.functional.silu,
@@ -54,6 +55,13 @@ class DecoderShape:
     # sliding_window is set (Mistral)
     layer_types: tuple[str, ...] = ()
     local_rope_theta: float | None = None  # the windowed layers' own rope base (Gemma 3)
+    # mixture of experts (Qwen3-MoE, Mixtral); experts 0: a dense model
+    experts: int = 0
+    experts_topk: int = 0
+    moe_ffn: int | None = None  # each expert's intermediate size
+    norm_topk: bool = True  # the top-k routing probabilities renormalised to sum to 1
+    dense_layers: tuple[int, ...] = ()  # in an MoE model, the layers whose MLP is dense
+    expert_names: ExpertNames = field(default_factory=ExpertNames)  # the family's on-disk names
     hf_config: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -77,22 +85,53 @@ class DecoderShape:
         if seq_len > self.max_seq:
             raise ConfigError(f"train.seq_len {seq_len} exceeds the model's max_position_embeddings {self.max_seq}")
 
-    def layer_layouts(self) -> dict:
-        """Each decoder-layer linear's fused layout (mapping.decoder.layer_layouts)."""
-        return layer_layouts(self.heads, self.kv_heads, self.kv_channels, self.ffn, self.hidden)
+    def sparse(self, layer: int) -> SparseMLP | None:
+        """Layer ``layer``'s experts (0-based, global), None where its MLP is dense."""
+        if not self.experts or layer in self.dense_layers:
+            return None
+        return SparseMLP(self.experts, self.moe_ffn, self.hidden, self.expert_names)
 
-    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every HF tensor of a decoder layer with its shape (names relative to the layer)."""
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.layers) if self.sparse(i) is not None)
+
+    def layer_layouts(self, layer: int | None = None) -> dict:
+        """Each decoder-layer linear's fused layout (mapping.decoder.layer_layouts); a sparse
+        ``layer`` has no dense MLP (its experts' layouts: ``sparse(layer).layouts()``)."""
+        layouts = layer_layouts(self.heads, self.kv_heads, self.kv_channels, self.ffn, self.hidden)
+        if layer is not None and self.sparse(layer) is not None:
+            return {m: layout for m, layout in layouts.items() if m not in DENSE_MLP}
+        return layouts
+
+    def layer_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """Every HF tensor of decoder layer ``layer`` with its shape (names relative to the layer)."""
         return hf_layer_shapes(self.heads, self.kv_heads, self.kv_channels, self.ffn, self.hidden,
-                               qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, norms=self.norms)
+                               qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, norms=self.norms,
+                               sparse=self.sparse(layer))
 
-    def check_parallel(self, tp: int, pp: int) -> None:
+    def check_parallel(self, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> None:
+        """``ep``/``etp``: expert-parallel and expert-tensor-parallel sizes (``etp`` None: ``tp``)."""
         for n, what in ((self.heads, "attention heads"), (self.kv_heads, "KV heads (query groups)"),
                         (self.ffn, "FFN size (intermediate_size)")):
-            if n % tp:
+            if n % tp and not (what.startswith("FFN") and not self.has_dense_mlp):
                 raise ConfigError(f"TP size {tp} does not divide the {n} {what}")
         if self.layers % pp:
             raise ConfigError(f"PP size {pp} does not divide the {self.layers} layers")
+        etp = tp if etp is None else etp
+        if not self.experts:
+            if ep != 1 or etp != tp:
+                raise ConfigError(f"expert parallelism (ep={ep}, etp={etp}) needs a mixture-of-experts model; "
+                                  f"this {self.family} model is dense: leave parallel.ep and parallel.etp unset")
+            return
+        if ep < 1 or self.experts % ep:
+            raise ConfigError(f"EP size {ep} does not divide the {self.experts} experts")
+        if etp < 1 or self.moe_ffn % etp:
+            raise ConfigError(f"expert TP size {etp} does not divide the experts' FFN size {self.moe_ffn} "
+                              "(moe_intermediate_size)")
+
+    @property
+    def has_dense_mlp(self) -> bool:
+        return len(self.sparse_layers) < self.layers
 
 
 def padded_vocab(vocab: int, tp: int) -> int:
@@ -111,14 +150,34 @@ def _recompute_settings(recompute: str) -> dict:
     return {}
 
 
+def _moe_settings(shape: DecoderShape, ep: int, etp: int | None) -> dict:
+    """megatron's MoE settings for an MoE shape: transformers' routing exactly (softmax over
+    every expert, top-k, renormalised when the family says so), dropless (no capacity: every
+    token reaches its k experts, as in transformers), the router frozen and so no
+    load-balancing loss, experts as one dense MLP each (``SequentialMLP``: adaptable
+    Column/RowParallelLinears) behind the all-to-all token dispatcher."""
+    if not shape.experts:
+        return {}
+    return dict(num_moe_experts=shape.experts, moe_router_topk=shape.experts_topk, moe_ffn_hidden_size=shape.moe_ffn,
+                # top-k of the logits then a softmax over the k == softmax, top-k, renormalise
+                moe_router_pre_softmax=not shape.norm_topk, moe_router_score_function="softmax",
+                moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None,
+                moe_expert_capacity_factor=None, moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False,
+                moe_permute_fusion=False, moe_router_fusion=False,
+                expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
+
+
 def transformer_config(shape: DecoderShape, tp: int = 1, pp: int = 1, sp: bool = False,
                        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                       recompute: str = "none", perform_initialization: bool = True):
+                       recompute: str = "none", perform_initialization: bool = True, ep: int = 1,
+                       etp: int | None = None):
     """megatron's TransformerConfig for ``shape``. ``perform_initialization=False`` when every
-    weight is loaded afterwards (the random init of 8B parameters would be thrown away)."""
+    weight is loaded afterwards (the random init of 8B parameters would be thrown away).
+    ``ep``/``etp``: expert-parallel and expert-tensor-parallel sizes of an MoE model (``etp``
+    None: megatron's default, ``tp``)."""
     from megatron.core.transformer import TransformerConfig
 
-    shape.check_parallel(tp, pp)
+    shape.check_parallel(tp, pp, ep, etp)
     if sp and tp == 1:
         sp = False  # nothing to split
     return TransformerConfig(
@@ -136,7 +195,7 @@ def transformer_config(shape: DecoderShape, tp: int = 1, pp: int = 1, sp: bool =
         # one, which the tests' references use (forward equal in fp32, backward to rounding)
         bias_activation_fusion=torch.device(device).type == "cuda" and shape.activation == "silu",
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, **_recompute_settings(recompute),
+        persist_layer_norm=False, **_recompute_settings(recompute), **_moe_settings(shape, ep, etp),
     )
 
 

@@ -178,15 +178,18 @@ def decoder_layer_spec(shape, config, layer: int, local_rope_inv_freq: torch.Ten
     """Layer ``layer`` (0-based, global) of ``shape`` (models/decoder.py) on megatron-core's
     local GPT layer spec, with the modules above swapped in: our norms (also on q and k with
     ``qk_norm``), SDPA with the layer's window, the windowed layers' own rope where the
-    family has one, and norms on the sublayer outputs where the family's norm table has
-    them (mapping/decoder.py: POST_ATTENTION_NORM, POST_MLP_NORM)."""
+    family has one, norms on the sublayer outputs where the family's norm table has
+    them (mapping/decoder.py: POST_ATTENTION_NORM, POST_MLP_NORM), and megatron's own MoE
+    layer where the layer is sparse (``shape.sparse``)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     from ..mapping.decoder import POST_ATTENTION_NORM, POST_MLP_NORM
 
     norm = norm_class(shape)
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=shape.qk_norm)
+    # a sparse layer: megatron's MoELayer (router, all-to-all dispatcher, SequentialMLP experts)
+    experts = shape.experts if shape.sparse(layer) is not None else None
+    spec = get_gpt_layer_local_spec(num_experts=experts, normalization="RMSNorm", qk_layernorm=shape.qk_norm)
     layer_parts, attention = spec.submodules, spec.submodules.self_attention
     layer_parts.input_layernorm = layer_parts.pre_mlp_layernorm = norm
     if shape.qk_norm:

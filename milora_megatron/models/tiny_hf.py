@@ -13,8 +13,12 @@ from .families import registered
 from .families.base import TINY  # noqa: F401  (the tiny sizes, for callers)
 from .families.llama import LLAMA3_ROPE  # noqa: F401
 
+ROUTER_SCALE = 4.0  # see make_hf_model
 # every registered family, Llama (the reference) first
 FAMILIES = tuple(sorted((f.name for f in registered()), key=lambda name: name != "llama"))
+# the dense ones (no experts): where a path does not take mixture-of-experts models yet
+DENSE_FAMILIES = tuple(f.name for f in sorted(registered(), key=lambda f: FAMILIES.index(f.name))
+                       if not f.mixture_of_experts)
 
 
 def family_config(family: str, tied: bool | None = None, **shape):
@@ -36,7 +40,9 @@ def make_hf_model(path: str, tied: bool | None = None, seed: int = 0, dtype=torc
     return it (``tied`` None: as the family's tiny model has it).
 
     Weights are scaled so activations and logits are O(1): with HF's default 0.02 init the
-    logits are ~1e-3 and any comparison at 1e-4 would be vacuous.
+    logits are ~1e-3 and any comparison at 1e-4 would be vacuous. An MoE router's logits are
+    scaled up further (``ROUTER_SCALE``) so that routing is decisive: no token has a near-tie
+    between its k-th and (k+1)-th expert that rounding could flip between two implementations.
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -46,8 +52,8 @@ def make_hf_model(path: str, tied: bool | None = None, seed: int = 0, dtype=torc
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
+            else:  # fan-in: the last dim (transformers holds experts as (experts, out, in))
+                p.normal_(0.0, (ROUTER_SCALE if name.endswith(".mlp.gate.weight") else 1.0) / math.sqrt(p.shape[-1]))
     model = model.to(dtype)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, max_new_tokens=4)
     model.save_pretrained(path, max_shard_size=max_shard_size)

@@ -2,7 +2,8 @@
 model's logits (fp32), at TP1, TP2, PP2 and TP2xPP2, tied and untied, vocab 1000 (padded),
 for every registered family (models/families/: Qwen2's q/k/v biases, Qwen3's q/k norms,
 Mistral's window and Gemma 3's local and global layers all shorter or different than the
-16-token sequences need), each built by transformers from its own tiny config."""
+16-token sequences need, and the mixture-of-experts families' routers and experts), each
+built by transformers from its own tiny config."""
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from hf_tiny import FAMILIES, hf_logits, make_hf_model
 TOL = 1e-4
 
 
-def _logits_worker(ckpts, tokens, sp=False):
+def _logits_worker(ckpts, tokens, sp=False, ep=1):
     from megatron.core import parallel_state as ps
     from pipeline_forward import forward_logits
 
@@ -24,7 +25,8 @@ def _logits_worker(ckpts, tokens, sp=False):
     out = {}
     for key, path in ckpts.items():
         base = BaseCheckpoint(path)
-        model = build_gpt(base.shape, transformer_config(base.shape, tp=tp, pp=pp, sp=sp))
+        ep_here = ep if base.shape.experts else 1  # the dense models of the same run ignore it
+        model = build_gpt(base.shape, transformer_config(base.shape, tp=tp, pp=pp, sp=sp, ep=ep_here))
         base.load_into(model, rank, tp)
         out[key] = forward_logits(model, tokens)
     return out
@@ -46,14 +48,19 @@ def converted(tmp_path_factory):
     return tokens, refs, ckpts
 
 
-@pytest.mark.parametrize("tp,pp,sp", [(1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False), (2, 2, False)])
-def test_logits_match_hf(converted, tp, pp, sp):
+@pytest.mark.parametrize("tp,pp,sp,ep", [(1, 1, False, 1), (2, 1, False, 1), (2, 1, True, 1), (1, 2, False, 1),
+                                         (2, 2, False, 1), (1, 1, False, 2), (2, 1, True, 2)])
+def test_logits_match_hf(converted, tp, pp, sp, ep):
+    """``ep``: the MoE models' experts over that many expert-parallel ranks (each holding
+    its own experts; tokens travel by megatron's all-to-all), and over TP=2 ranks as well
+    (megatron's default expert-TP is TP)."""
     tokens, refs, ckpts = converted
-    results = run_distributed(_logits_worker, tp * pp, tp=tp, pp=pp, ckpts=ckpts, tokens=tokens, sp=sp)
+    world = tp * pp * ep
+    results = run_distributed(_logits_worker, world, tp=tp, pp=pp, ep=ep, ckpts=ckpts, tokens=tokens, sp=sp)
     last = results[-1]  # the last global rank is on the last stage
     for key, ref in refs.items():
         assert ref.std() > 0.3, "reference logits too small for a meaningful comparison"
         got = last[key]
         assert got.shape == ref.shape  # vocabulary padding stripped
         diff = (got - ref).abs().max().item()
-        assert diff <= TOL, f"{key} TP{tp} PP{pp} SP{sp}: max |diff| {diff:.2e}"
+        assert diff <= TOL, f"{key} TP{tp} PP{pp} SP{sp} EP{ep}: max |diff| {diff:.2e}"

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _worker(rank, world, init_file, out_dir, tp, pp, fn, kwargs):
+def _worker(rank, world, init_file, out_dir, tp, pp, ep, etp, fn, kwargs):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     try:
@@ -21,7 +21,8 @@ def _worker(rank, world, init_file, out_dir, tp, pp, fn, kwargs):
 
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
         compat.apply("cpu")  # the suite runs on the CPU (conftest hides GPUs)
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
         compat.model_parallel_manual_seed(1234)
         result = fn(**kwargs)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -33,12 +34,13 @@ def _worker(rank, world, init_file, out_dir, tp, pp, fn, kwargs):
         raise
 
 
-def run_distributed(fn, world: int, tp: int = 1, pp: int = 1, **kwargs) -> list:
-    """fn(**kwargs) on ``world`` ranks; returns each rank's (picklable) result, by global rank."""
+def run_distributed(fn, world: int, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, **kwargs) -> list:
+    """fn(**kwargs) on ``world`` ranks; returns each rank's (picklable) result, by global rank.
+    ``ep``/``etp``: megatron's expert-parallel and expert-tensor-parallel sizes (None: tp)."""
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
         try:
-            mp.start_processes(_worker, args=(world, init_file, out_dir, tp, pp, fn, kwargs),
+            mp.start_processes(_worker, args=(world, init_file, out_dir, tp, pp, ep, etp, fn, kwargs),
                                nprocs=world, join=True, start_method="spawn")
         except Exception as exc:
             errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]

@@ -1,6 +1,8 @@
 """Each family reads its own transformers config; what the shared GPT layer cannot do is
 refused with the key that asks for it."""
 
+import re
+
 import pytest
 
 from milora_megatron.errors import CheckpointError, ConfigError
@@ -14,19 +16,24 @@ def _cfg(family, **changes):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_each_family_reads_its_transformers_config(family):
+def test_each_family_reads_its_transformers_config(family, tmp_path):
     """Every registered family: the shape read from its tiny config names exactly the
-    tensors, with their shapes, that transformers' own model of that config holds."""
+    tensors, with their shapes, that transformers' own model of that config writes to disk
+    (``save_pretrained``: experts one tensor each, as the Hub stores them)."""
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     config = family_config(family)
     shape = DecoderShape.from_hf_config(config.to_dict())
     assert family_for(config.to_dict()).name == shape.family == family
     model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(str(tmp_path))
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        on_disk = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     for layer in range(shape.layers):
         prefix = f"model.layers.{layer}."
-        held = {n[len(prefix):]: tuple(p.shape) for n, p in model.named_parameters() if n.startswith(prefix)}
-        assert shape.layer_shapes() == held
+        held = {n[len(prefix):]: s for n, s in on_disk.items() if n.startswith(prefix)}
+        assert shape.layer_shapes(layer) == held
     assert shape.tied == model.config.tie_word_embeddings
     assert all(shape.window(i) in (None, shape.sliding_window) for i in range(shape.layers))
 
@@ -34,7 +41,7 @@ def test_each_family_reads_its_transformers_config(family):
 def test_what_sets_each_family_apart_is_read():
     shapes = {f: DecoderShape.from_hf_config(_cfg(f)) for f in FAMILIES}
     assert [f for f, s in shapes.items() if s.qkv_bias] == ["qwen2"]
-    assert sorted(f for f, s in shapes.items() if s.qk_norm) == ["gemma3", "qwen3"]
+    assert sorted(f for f, s in shapes.items() if s.qk_norm) == ["gemma3", "qwen3", "qwen3_moe"]
     assert shapes["qwen3"].kv_channels == 32 and shapes["llama"].kv_channels == 16  # head_dim != hidden / heads
     assert [shapes["mistral"].window(i) for i in range(4)] == [8] * 4
     gemma = shapes["gemma3"]
@@ -43,6 +50,47 @@ def test_what_sets_each_family_apart_is_read():
     assert gemma.zero_centered_norms and gemma.activation == "gelu_tanh" and gemma.tied
     assert gemma.embedding_scale == 8.0 and gemma.softmax_scale == 24 ** -0.5
     assert "pre_feedforward_layernorm.weight" in gemma.norms and len(gemma.norms) == 4
+    assert sorted(f for f, s in shapes.items() if s.experts) == ["mixtral", "qwen3_moe"]
+    qwen, mixtral = shapes["qwen3_moe"], shapes["mixtral"]
+    assert qwen.sparse_layers == (1, 2, 3) and qwen.has_dense_mlp and not qwen.norm_topk  # mlp_only_layers [0]
+    assert (qwen.experts, qwen.experts_topk, qwen.moe_ffn, qwen.ffn) == (4, 2, 32, 96)
+    assert mixtral.sparse_layers == (0, 1, 2, 3) and not mixtral.has_dense_mlp and mixtral.norm_topk
+    assert "block_sparse_moe.experts.3.w2.weight" in mixtral.layer_shapes(0)
+
+
+def test_qwen3_moe_sparse_layers_follow_transformers():
+    """decoder_sparse_step and mlp_only_layers pick the sparse layers as transformers does."""
+    from transformers import Qwen3MoeForCausalLM
+
+    config = family_config("qwen3_moe", layers=6, dense_layers=(4,))
+    config.decoder_sparse_step = 2
+    shape = DecoderShape.from_hf_config(config.to_dict())
+    model = Qwen3MoeForCausalLM(config)
+    sparse = tuple(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts"))
+    assert shape.sparse_layers == sparse == (1, 3, 5)
+
+
+@pytest.mark.parametrize("family,changes,message", [
+    ("qwen3_moe", {"shared_expert_intermediate_size": 64}, "shared_expert_intermediate_size=64 (shared experts"),
+    ("qwen3_moe", {"kv_lora_rank": 16}, "kv_lora_rank=16 (MLA attention is not supported)"),
+    ("mixtral", {"topk_method": "noaux_tc"}, "topk_method='noaux_tc' (expert-bias routing is not supported)"),
+    ("mixtral", {"router_jitter_noise": 0.1}, "unsupported mixtral config: router_jitter_noise=0.1"),
+    ("qwen3_moe", {"num_experts_per_tok": 8}, "8 experts per token but only 4 experts"),
+])
+def test_moe_refusals_name_the_key(family, changes, message):
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        DecoderShape.from_hf_config(_cfg(family, **changes))
+
+
+def test_expert_parallel_sizes_are_checked():
+    qwen = DecoderShape.from_hf_config(_cfg("qwen3_moe"))
+    qwen.check_parallel(tp=2, pp=2, ep=4, etp=2)
+    with pytest.raises(ConfigError, match="EP size 3 does not divide the 4 experts"):
+        qwen.check_parallel(tp=1, pp=1, ep=3)
+    with pytest.raises(ConfigError, match="expert TP size 3 does not divide the experts' FFN size 32"):
+        qwen.check_parallel(tp=1, pp=1, ep=1, etp=3)
+    with pytest.raises(ConfigError, match="needs a mixture-of-experts model"):
+        DecoderShape.from_hf_config(_cfg("llama")).check_parallel(tp=1, pp=1, ep=2)
 
 
 def test_gemma3_reads_the_hubs_older_keys_as_transformers_does():

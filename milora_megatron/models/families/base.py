@@ -8,12 +8,23 @@ from typing import ClassVar
 
 from ...errors import CheckpointError
 from ...mapping.decoder import LAYER_NORMS
+from ...mapping.experts import ExpertNames
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 # what every family's config must give: the model's sizes
 SIZE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
-# the tiny models every family's tests are built at (models/tiny_hf.py)
-TINY = dict(layers=4, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=1000)
+# the tiny models every family's tests are built at (models/tiny_hf.py); MoE ones add
+# experts of moe_ffn, top-k
+TINY = dict(layers=4, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=1000, experts=4, topk=2, moe_ffn=32)
+# what a mixture-of-experts config may set that megatron's MoE layer here does not do: each
+# refused by name (a family or architecture that needs one is refused before it gets here)
+UNSUPPORTED_MOE_KEYS = {
+    "shared_expert_intermediate_size": "shared experts", "n_shared_experts": "shared experts",
+    "num_shared_experts": "shared experts", "moe_shared_expert_intermediate_size": "shared experts",
+    "kv_lora_rank": "MLA attention", "q_lora_rank": "MLA attention",
+    "topk_method": "expert-bias routing", "moe_router_enable_expert_bias": "expert-bias routing",
+    "n_group": "group-limited routing", "topk_group": "group-limited routing",
+}
 
 _REGISTRY: dict[str, "Family"] = {}
 
@@ -55,6 +66,7 @@ class Family:
     norms: ClassVar[dict[str, str]] = LAYER_NORMS  # HF layer norm -> megatron (mapping/decoder.py)
     tiny_tied: ClassVar[bool] = False  # whether its tiny test model ties the embeddings
     wrappers: ClassVar[tuple[Wrapper, ...]] = ()  # multimodal checkpoints read as this family's text model
+    mixture_of_experts: ClassVar[bool] = False  # sparse MLPs (read_experts)
 
     def read(self, cfg: dict) -> dict:
         """The ``DecoderShape`` fields of an HF config dict."""
@@ -85,6 +97,23 @@ class Family:
     def sliding_window(self, cfg: dict) -> int | None:
         """How far attention reaches back, None when it is full."""
         return None
+
+    def read_experts(self, cfg: dict, experts: int, topk: int, moe_ffn: int, norm_topk: bool,
+                     dense_layers: tuple[int, ...], names: ExpertNames) -> dict:
+        """The ``DecoderShape`` fields of a mixture-of-experts config (its sizes as the family
+        read them), refusing what megatron's MoE layer here does not do, by key."""
+        for key, what in UNSUPPORTED_MOE_KEYS.items():
+            if cfg.get(key):
+                raise CheckpointError(f"unsupported {self.name} config: {key}={cfg[key]!r} ({what} are not supported)"
+                                      if what.endswith("experts") else
+                                      f"unsupported {self.name} config: {key}={cfg[key]!r} ({what} is not supported)")
+        for key, value in (("experts", experts), ("experts per token", topk), ("expert FFN size", moe_ffn)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"{self.name} config: {key} {value!r} is not a positive integer")
+        if topk > experts:
+            raise CheckpointError(f"{self.name} config: {topk} experts per token but only {experts} experts")
+        return dict(experts=experts, experts_topk=topk, moe_ffn=moe_ffn, norm_topk=bool(norm_topk),
+                    dense_layers=tuple(dense_layers), expert_names=names)
 
     def tiny_config(self, tied: bool | None = None, **shape):
         """A tiny transformers config of this family (GQA, ``TINY`` sizes unless ``shape``
