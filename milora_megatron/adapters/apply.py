@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..mapping import PROJECTIONS, FusedLayout, layer_layouts
+from ..mapping.experts import EXPERT_PROJECTIONS, ExpertNames, SparseMLP
 from ..subspace import ShardedWeight, check_rank, extract_subspaces, full_shape
 from .config import AdapterConfig
 from .init_cache import cached_subspaces
@@ -18,10 +19,17 @@ from ..errors import ConfigError
 
 @dataclass
 class AdaptedTarget:
-    name: str  # HF module name, e.g. "model.layers.3.self_attn.q_proj"
+    name: str  # HF module name, e.g. "model.layers.3.self_attn.q_proj" (an expert's: "...mlp.experts.5.up_proj")
     target: str  # "q_proj"
     module: torch.nn.Module  # the adapted megatron linear holding it
     layout: FusedLayout  # the module's layout on this rank
+    # an expert's: the ranks holding the same expert (megatron's expert-data-parallel group),
+    # which split its eigensolves and sum its gradients; None for a dense target
+    expert_dp_group: object = None
+
+    @property
+    def is_expert(self) -> bool:
+        return bool(getattr(self.module, "is_expert", False))
 
     @property
     def shard_dim(self) -> int:
@@ -53,27 +61,70 @@ def _transformer_layers(model_chunks):
 
 
 def find_targets(model_chunks, cfg: AdapterConfig, tp_size: int) -> list[AdaptedTarget]:
-    """Adapt the target linears in place (no initialisation yet); global HF layer indices."""
+    """Adapt the target linears in place (no initialisation yet); global HF layer indices.
+
+    In a sparse (MoE) layer the MLP targets are every local expert's own projections, each
+    named as the family names it on disk (``peft.moe_targets`` picks dense MLPs, experts or
+    both)."""
     found = []
-    for layer in _transformer_layers(model_chunks):
-        index = layer.layer_number - 1  # megatron's layer_number is global and 1-based
-        c = layer.config
-        if "gate_proj" in cfg.targets and not c.gated_linear_unit:
-            raise ConfigError("gate_proj is a target but the model's MLP is not gated (no SwiGLU)")
-        layouts = layer_layouts(c.num_attention_heads, c.num_query_groups or c.num_attention_heads, c.kv_channels,
-                                c.ffn_hidden_size, c.hidden_size, c.gated_linear_unit)
-        for target in cfg.targets:
-            proj = PROJECTIONS[target]
-            module = layer.get_submodule(proj.megatron_module)
-            layout = layouts[proj.megatron_module].local(tp_size)
-            if layout.rows != module.weight.shape[0]:
-                raise ValueError(f"{proj.megatron_module} holds {module.weight.shape[0]} rows on this rank, "
-                                 f"its layout {layout.rows}: the model does not match its config")
-            adapt_in_place(module, layout, cfg.dropout)
-            found.append(AdaptedTarget(proj.hf_module(index), target, module, layout))
+    for chunk in model_chunks:
+        names = getattr(getattr(chunk, "decoder_shape", None), "expert_names", ExpertNames())
+        for layer in _transformer_layers([chunk]):
+            found += _layer_targets(layer, cfg, tp_size, names)
     if not found:
-        raise ValueError("no target projections found in the model (is this a megatron GPTModel stage?)")
+        if any(hasattr(layer.mlp, "experts") for layer in _transformer_layers(model_chunks)) or \
+                cfg.moe_targets == "all":
+            raise ValueError("no target projections found in the model (is this a megatron GPTModel stage?)")
+        raise ConfigError(f"peft.moe_targets={cfg.moe_targets!r} adapts only the MLPs of a mixture-of-experts model, "
+                          f"and peft.targets {cfg.targets} leaves nothing else: this model has no experts")
     return found
+
+
+def _layer_targets(layer, cfg: AdapterConfig, tp_size: int, names: ExpertNames) -> list[AdaptedTarget]:
+    index = layer.layer_number - 1  # megatron's layer_number is global and 1-based
+    c = layer.config
+    if "gate_proj" in cfg.targets and not c.gated_linear_unit:
+        raise ConfigError("gate_proj is a target but the model's MLP is not gated (no SwiGLU)")
+    sparse = hasattr(layer.mlp, "experts")
+    layouts = layer_layouts(c.num_attention_heads, c.num_query_groups or c.num_attention_heads, c.kv_channels,
+                            c.ffn_hidden_size, c.hidden_size, c.gated_linear_unit)
+    found = []
+    for target in cfg.targets:
+        proj = PROJECTIONS[target]
+        if target in EXPERT_PROJECTIONS:
+            if cfg.moe_targets == ("dense" if sparse else "experts"):
+                continue
+            if sparse:
+                found += _expert_targets(layer.mlp.experts, index, target, c, cfg, names)
+                continue
+        module = layer.get_submodule(proj.megatron_module)
+        found.append(_adapted(proj.hf_module(index), target, module, layouts[proj.megatron_module].local(tp_size), cfg))
+    return found
+
+
+def _expert_targets(experts, layer_index: int, target: str, c, cfg: AdapterConfig,
+                    names: ExpertNames) -> list[AdaptedTarget]:
+    """``target`` in each of this rank's experts (megatron's ``SequentialMLP``): global expert
+    indices, layouts sliced over the expert-tensor-parallel group."""
+    module_name = PROJECTIONS[target].megatron_module.removeprefix("mlp.")  # linear_fc1 / linear_fc2
+    layout = SparseMLP(c.num_moe_experts, c.moe_ffn_hidden_size, c.hidden_size).layouts()[module_name]
+    first = experts.ep_group.rank() * experts.num_local_experts if experts.ep_group is not None else 0
+    etp = experts.tp_group.size() if experts.tp_group is not None else 1
+    out = []
+    for local, expert in enumerate(experts.local_experts):
+        name = f"model.layers.{layer_index}.{names.expert_module(first + local, target)}"
+        out.append(_adapted(name, target, expert.get_submodule(module_name), layout.local(etp), cfg,
+                            expert_dp_group=experts.dp_group))
+    return out
+
+
+def _adapted(name: str, target: str, module, layout: FusedLayout, cfg: AdapterConfig,
+             expert_dp_group=None) -> AdaptedTarget:
+    if layout.rows != module.weight.shape[0]:
+        raise ValueError(f"{name}: its linear holds {module.weight.shape[0]} rows on this rank, its layout "
+                         f"{layout.rows}: the model does not match its config")
+    adapt_in_place(module, layout, cfg.dropout)
+    return AdaptedTarget(name, target, module, layout, expert_dp_group)
 
 
 def apply_adapters(model_chunks, cfg: AdapterConfig, tp_group=None, dp_group=None, progress: bool = False,
@@ -109,12 +160,29 @@ def initialise_adapters(targets: list[AdaptedTarget], cfg: AdapterConfig, tp_gro
     them with ``checkpoint.adapters.scatter_factors`` and call ``fold_initial``).
     ``stats["eigensolves"]`` counts this rank's eigensolves (and ``cache_hits``/``cache_misses``
     the targets read from and added to ``cfg.init_cache``)."""
+    stats = stats if stats is not None else {}
+    stats.setdefault("eigensolves", 0)
+    # dense targets are split over the TP group and repeated over the data-parallel replicas;
+    # experts over their own expert-TP group and repeated over their expert-data-parallel one
+    dense = [t for t in targets if not t.is_expert]
+    experts = [t for t in targets if t.is_expert]
+    groups = [(dense, tp_group, dp_group)]
+    if experts:
+        groups.append((experts, experts[0].module.tp_group, experts[0].expert_dp_group))
+    for part, part_tp, part_dp in groups:
+        if part:
+            _initialise_group(part, cfg, part_tp, part_dp, progress, seed, from_checkpoint, stats, base_fingerprint)
+    if not from_checkpoint:
+        fold_initial(targets, cfg)
+
+
+def _initialise_group(targets: list[AdaptedTarget], cfg: AdapterConfig, tp_group, dp_group, progress: bool, seed: int,
+                      from_checkpoint: bool, stats: dict, base_fingerprint: str | None) -> None:
+    """``initialise_adapters`` for targets sharded over one TP group (collective over it and
+    ``dp_group``)."""
     tp_size = tp_group.size() if tp_group is not None else 1
     tp_rank = tp_group.rank() if tp_group is not None else 0
     variant = get_variant(cfg.method)
-    stats = stats if stats is not None else {}
-    stats.setdefault("eigensolves", 0)
-
     sharded = [ShardedWeight(t.name, t.local_weight(), t.shard_dim) for t in targets]
     for w in sharded:
         check_rank(w, cfg.rank, tp_size)
@@ -140,7 +208,6 @@ def initialise_adapters(targets: list[AdaptedTarget], cfg: AdapterConfig, tp_gro
         )
         factors = variant.init(ctx)
         _install(t, factors.a, factors.b, cfg, variant)
-    fold_initial(targets, cfg)
 
 
 def adapt_linear(module, target: str, cfg: AdapterConfig, tp_group=None, name: str | None = None,
@@ -163,12 +230,16 @@ def _install(t: AdaptedTarget, a: torch.Tensor, b: torch.Tensor, cfg: AdapterCon
     """The factors as float32 masters (see TargetAdapter), with what the method declares:
     which of them train, and whether A0/B0 are kept."""
     weight = t.module.weight
-    t.module.adapters[t.target] = TargetAdapter(
+    adapter = TargetAdapter(
         a.to(device=weight.device, dtype=torch.float32), b.to(device=weight.device, dtype=torch.float32),
         cfg.scaling, variant.train_a, variant.train_b, initial=variant.subtracts_initial,
         residual_branch=cfg.residual == "branch",
         split_dims=(t.factor_split_dim("lora_A"), t.factor_split_dim("lora_B")),
     )
+    if t.is_expert:  # megatron's mark: summed over the expert's own replicas only (train.gradients)
+        for param in (adapter.lora_A, adapter.lora_B):
+            param.allreduce = False
+    t.module.adapters[t.target] = adapter
 
 
 @torch.no_grad()

@@ -26,6 +26,10 @@ class AdapterConfig:
     dropout: float = option(0.05, "dropout on the adapter input (the paper's 0.05)")
     targets: list[str] = option(list(PAPER_TARGETS), "HF projections to adapt (q_proj, k_proj, v_proj, o_proj, "
                                                      "gate_proj, up_proj, down_proj)")
+    moe_targets: Literal["all", "dense", "experts"] = option(
+        "all", "in a mixture-of-experts model, which MLPs the MLP targets (gate_proj, up_proj, down_proj) adapt: "
+               "all (the dense MLP layers and every expert of the sparse ones, each expert its own adapter) | "
+               "dense (the dense MLP layers only) | experts (the experts only); the router is never adapted")
     residual: Literal["branch", "merge"] = option(
         "branch", "PiSSA/MiLoRA: branch keeps W bit-identical and subtracts a frozen s B0 A0 branch; merge "
                   "writes W - s B0 A0 into W (as the paper and PEFT; in bf16 it rounds W)")
@@ -51,6 +55,8 @@ class AdapterConfig:
             raise ConfigError(f"peft.alpha must be > 0 (the scale is alpha / rank), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"peft.dropout must be in [0, 1), got {self.dropout}")
+        if self.moe_targets not in ("all", "dense", "experts"):
+            raise ConfigError(f"peft.moe_targets must be 'all', 'dense' or 'experts', got {self.moe_targets!r}")
         if self.residual not in ("branch", "merge"):
             raise ConfigError(f"peft.residual must be 'branch' or 'merge', got {self.residual!r}")
         if self.svd_backend not in ("gram", "exact"):

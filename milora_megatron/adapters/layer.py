@@ -15,6 +15,14 @@ and output reduction, and the base weight keeps its name and checkpoint sharding
 Per-target adapters on fused linears (q/k/v in ``linear_qkv``, gate/up in ``linear_fc1``)
 share one input projection (their A's stacked) and are interleaved back by their
 ``mapping.FusedLayout``.
+
+An MoE expert's linears (``is_expert``) leave their communication to megatron's token
+dispatcher (``explicit_expert_comm``): a column expert's input is already every token on
+each expert-TP rank, and the partial input gradients of the ranks are summed by the
+dispatcher. So its adapter neither gathers nor all-reduces ``h``: each rank's dA is its
+partial sum, all-reduced over the expert-TP group in backward (as under sequence
+parallelism), and its input gradient stays partial, as the base weight's does. Megatron's
+``sequence_parallel`` flag does not apply to an expert's linears.
 """
 
 from __future__ import annotations
@@ -132,12 +140,21 @@ class _AdapterHost:
     def _tp_size(self) -> int:
         return self.tp_group.size() if self.tp_group is not None else 1
 
+    @property
+    def _expert_comm(self) -> bool:
+        """An expert linear whose communication the MoE dispatcher does (see the module doc)."""
+        return bool(getattr(self, "explicit_expert_comm", False))
+
+    @property
+    def _sequence_parallel(self) -> bool:
+        return bool(self.sequence_parallel) and not self._expert_comm
+
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.adapter_dropout == 0.0:
             return x
         # Replicated inputs need the same mask on every TP rank (default stream); sharded
         # inputs (row-parallel, or sequence-parallel chunks) need a per-rank stream.
-        replicated = self.adapter_shard_dim == 0 and not self.sequence_parallel
+        replicated = self.adapter_shard_dim == 0 and not self._sequence_parallel
         ctx = contextlib.nullcontext() if replicated or self._tp_size == 1 else get_cuda_rng_tracker().fork()
         with ctx:
             return F.dropout(x, self.adapter_dropout, training=True)
@@ -169,15 +186,15 @@ class _AdapterHost:
             rows += [self.adapters[n].lora_A0 for n in branch]
             splits += [self.adapters[n].lora_A0.shape[0] for n in branch]
         a = torch.cat(rows) if len(rows) > 1 else rows[0]
-        if column and self.sequence_parallel and tp > 1:
-            a = copy_to_tensor_model_parallel_region(a, group=self.tp_group)  # dA: sum over chunks (fp32)
+        if column and (self._sequence_parallel or self._expert_comm) and tp > 1:
+            a = copy_to_tensor_model_parallel_region(a, group=self.tp_group)  # dA: sum over chunks / ranks (fp32)
         h = factor_matmul(self._dropout(x), a)
         if branch:
             a0 = torch.cat([self.adapters[n].lora_A0 for n in branch])
             h = torch.cat([h, x @ a0.to(x.dtype).t()], dim=-1)
             splits += [self.adapters[n].lora_A0.shape[0] for n in branch]
-        if column and tp > 1:
-            if self.sequence_parallel:
+        if column and tp > 1 and not self._expert_comm:
+            if self._sequence_parallel:
                 h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=self.tp_group)
             else:
                 h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
@@ -207,7 +224,7 @@ class _AdapterHost:
         if not merged:
             return None
         h = x @ torch.cat([ad.lora_A0 for _, ad in merged]).to(x.dtype).t()
-        if self.adapter_shard_dim == 0 and self.sequence_parallel and self._tp_size > 1:
+        if self.adapter_shard_dim == 0 and self._sequence_parallel and self._tp_size > 1:
             h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=self.tp_group)
         hs = torch.split(h, [ad.lora_A0.shape[0] for _, ad in merged], dim=-1)
         return {n: ad.scaling * (h_i @ ad.lora_B0.to(h_i.dtype).t()) for (n, ad), h_i in zip(merged, hs)}

@@ -91,27 +91,44 @@ def local_factors(targets):
                 yield f"{t.name}.{factor}", local, t.factor_split_dim(factor)
 
 
+def shard_group(target, tp_group):
+    """The group a target's factors are split over: an MoE expert's own expert-TP group
+    (megatron's, on its linear), else the model's TP group."""
+    return target.module.tp_group if getattr(target, "is_expert", False) else tp_group
+
+
 def gather_factors(targets, tp_group=None) -> dict[str, torch.Tensor]:
     """Full float32 factors of this stage's targets on the CPU, keyed ``<hf module>.<factor>``
-    (collective over TP: gathered on the model's device, then moved)."""
+    (collective over TP, an expert's over its expert-TP group: gathered on the model's
+    device, then moved)."""
     import torch.distributed as dist
 
-    tp = tp_group.size() if tp_group is not None else 1
     out = {}
-    for key, local, dim in local_factors(targets):
-        local = local.detach().float().contiguous()
-        if dim is not None and tp > 1:
-            parts = [torch.empty_like(local) for _ in range(tp)]
-            dist.all_gather(parts, local, group=tp_group)
-            local = torch.cat(parts, dim=dim)
-        out[key] = local.cpu().clone()
+    for t in targets:
+        group = shard_group(t, tp_group)
+        tp = group.size() if group is not None else 1
+        for key, local, dim in local_factors([t]):
+            local = local.detach().float().contiguous()
+            if dim is not None and tp > 1:
+                parts = [torch.empty_like(local) for _ in range(tp)]
+                dist.all_gather(parts, local, group=group)
+                local = torch.cat(parts, dim=dim)
+            out[key] = local.cpu().clone()
     return out
 
 
 @torch.no_grad()
 def scatter_factors(targets, tensors: dict[str, torch.Tensor], tp_rank: int = 0, tp_size: int = 1) -> None:
-    """Load full factors (from ``gather_factors``) into this rank's shards."""
-    for key, local, dim in local_factors(targets):
+    """Load full factors (from ``gather_factors``) into this rank's shards (an expert's: its
+    expert-TP rank's)."""
+    for t in targets:
+        group = shard_group(t, None) if getattr(t, "is_expert", False) else None
+        rank, size = (group.rank(), group.size()) if group is not None else (tp_rank, tp_size)
+        _scatter_target(t, tensors, rank, size)
+
+
+def _scatter_target(target, tensors, tp_rank: int, tp_size: int) -> None:
+    for key, local, dim in local_factors([target]):
         if key not in tensors:
             raise CheckpointError(f"adapter checkpoint lacks {key}")
         full = tensors[key]
@@ -122,6 +139,12 @@ def scatter_factors(targets, tensors: dict[str, torch.Tensor], tp_rank: int = 0,
         local.copy_(full.to(local.dtype))
 
 
+def expert_file(stage: int, ep_rank: int) -> str:
+    """The file of one expert-parallel rank's expert factors (a stage's dense ones are in
+    ``adapter-stageSSS.safetensors``)."""
+    return f"adapter-stage{stage:03d}-experts{ep_rank:03d}.safetensors"
+
+
 def save_adapter_checkpoint(path: str, targets, peft_config, base, step: int, extra_writer=None,
                             run_config: dict | None = None) -> None:
     """Write one checkpoint folder of a (possibly distributed) run atomically; collective over all ranks.
@@ -130,6 +153,10 @@ def save_adapter_checkpoint(path: str, targets, peft_config, base, step: int, ex
     every rank add its own files (optimizer, RNG and data state) before the commit and
     returns their names. ``run_config``: the training run's whole config, recorded so that a
     resume can check what it may not change against the checkpoint itself.
+
+    An MoE model's expert factors never travel beyond their expert-TP group: each
+    expert-parallel rank writes its own experts (``expert_file``), so no rank holds every
+    expert's factors at once.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -138,12 +165,20 @@ def save_adapter_checkpoint(path: str, targets, peft_config, base, step: int, ex
         write_adapter_checkpoint(path, gather_factors(targets), peft_config, base, step, extra_writer=extra_writer,
                                  run_config=run_config)
         return
-    factors = gather_factors(targets, ps.get_tensor_model_parallel_group())
+    dense = [t for t in targets if not getattr(t, "is_expert", False)]
+    experts = [t for t in targets if getattr(t, "is_expert", False)]
+    stage = ps.get_pipeline_model_parallel_rank()
+    factors = gather_factors(dense, ps.get_tensor_model_parallel_group())
+    more = {}
+    if experts:
+        expert_factors = gather_factors(experts)
+        if ps.get_expert_tensor_parallel_rank() == 0 and ps.get_expert_data_parallel_rank() == 0:
+            more[expert_file(stage, ps.get_expert_model_parallel_rank())] = expert_factors
     write_adapter_checkpoint(
         path, factors, peft_config, base, step,
-        stage=ps.get_pipeline_model_parallel_rank(), stages=ps.get_pipeline_model_parallel_world_size(),
+        stage=stage, stages=ps.get_pipeline_model_parallel_world_size(),
         writes_factors=ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0,
-        group=dist.group.WORLD, extra_writer=extra_writer, run_config=run_config,
+        group=dist.group.WORLD, extra_writer=extra_writer, run_config=run_config, more_factors=more,
     )
 
 
@@ -154,9 +189,12 @@ def _file_record(folder: str, name: str) -> dict:
 
 def write_adapter_checkpoint(path: str, factors: dict[str, torch.Tensor], peft_config, base, step: int,
                              stage: int = 0, stages: int = 1, writes_factors: bool = True, group=None,
-                             extra_writer=None, run_config: dict | None = None) -> None:
+                             extra_writer=None, run_config: dict | None = None,
+                             more_factors: dict | None = None) -> None:
     """The checkpoint folder from full factors (this stage's), then ``latest`` pointed at it.
     With a ``group``, every member calls it; its first rank writes the metadata and the pointer.
+    ``more_factors``: more factor files this rank writes (file name -> tensors: an expert-
+    parallel rank's experts); ``adapter.json`` lists every rank's.
 
     Every rank checksums the files it wrote (in parallel); the first rank records them all
     in ``adapter.json``, which is written last: a folder with a readable ``adapter.json``
@@ -171,6 +209,9 @@ def write_adapter_checkpoint(path: str, factors: dict[str, torch.Tensor], peft_c
             if writes_factors:
                 name = f"adapter-stage{stage:03d}.safetensors"
                 save_file(factors, os.path.join(tmp, name))
+                written.append(name)
+            for name, tensors in (more_factors or {}).items():
+                save_file(tensors, os.path.join(tmp, name))
                 written.append(name)
             if extra_writer is not None:
                 written += extra_writer(tmp) or []
@@ -194,7 +235,8 @@ def write_adapter_checkpoint(path: str, factors: dict[str, torch.Tensor], peft_c
             meta = {
                 "format": FORMAT, "version": VERSION, "step": step, "peft": asdict(peft_config),
                 "base": {"path": base.path, "fingerprint": base.fingerprint},
-                "stages": stages, "files": [f"adapter-stage{s:03d}.safetensors" for s in range(stages)],
+                "stages": stages, "files": [f"adapter-stage{s:03d}.safetensors" for s in range(stages)]
+                + sorted(n for n in mine if n.startswith("adapter-stage") and "-experts" in n),
                 "checksums": dict(sorted(mine.items())),
             }
             if run_config is not None:

@@ -72,7 +72,13 @@ class TrainConfig:
 class ParallelConfig:
     tp: int = option(1, "tensor-parallel size")
     pp: int = option(1, "pipeline-parallel size")
-    sp: bool = option(False, "sequence parallelism (needs tp > 1)")
+    sp: bool = option(False, "sequence parallelism (needs tp > 1; megatron asks for it when tp > 1 and ep > 1)")
+    ep: int = option(1, "expert-parallel size of a mixture-of-experts model: each rank holds experts / ep of every "
+                        "sparse layer and tokens travel to their experts by all-to-all; must divide the experts "
+                        "and, times the expert TP size, the world size / pp (carved out of DP x TP, as megatron "
+                        "does); the router is frozen and never a target, so no load-balancing loss is added")
+    etp: int | None = option(None, "expert tensor-parallel size (each expert's linears split over this many "
+                                   "ranks, at most parallel.tp); empty/null: parallel.tp, megatron's default")
     timeout_minutes: int = option(30, "how long every process group (the default one, megatron's, the host-side "
                                       "one) waits in a collective before it gives up, as megatron's default")
 
@@ -232,6 +238,9 @@ def validate(cfg: RunConfig) -> None:
         (t.warmup >= 0, f"train.warmup must be >= 0, got {t.warmup}"),
         (t.schedule in ("linear", "cosine"), f"train.schedule must be linear or cosine, got {t.schedule!r}"),
         (p.tp >= 1 and p.pp >= 1, f"parallel.tp and parallel.pp must be >= 1, got {p.tp}, {p.pp}"),
+        (p.ep >= 1, f"parallel.ep must be >= 1, got {p.ep}"),
+        (p.etp is None or 1 <= p.etp <= p.tp, f"parallel.etp must be between 1 and parallel.tp ({p.tp}), got {p.etp}: "
+                                              "an expert split wider than TP would need its own dropout streams"),
         (p.timeout_minutes >= 1, f"parallel.timeout_minutes must be >= 1, got {p.timeout_minutes}"),
         (cfg.data.template in TEMPLATES, f"data.template must be one of {sorted(TEMPLATES)}, got {cfg.data.template!r}"),
         (cfg.model.spec == "local", f"model.spec must be 'local', got {cfg.model.spec!r}: transformer-engine's "

@@ -15,34 +15,65 @@ import torch.distributed as dist
 from ..device import collective_device
 
 
-def reduce_over_data_parallel(params: list[torch.Tensor], dp_group, dp_size: int) -> None:
-    """Sum every adapter gradient over the data-parallel replicas: one flat all-reduce."""
-    if dp_size == 1:
+def is_expert(param: torch.Tensor) -> bool:
+    """An MoE expert's factor: megatron's own mark (``allreduce`` False: not summed over the
+    whole data-parallel group, only over the replicas holding the same expert)."""
+    return getattr(param, "allreduce", True) is False
+
+
+def reduce_over_data_parallel(params: list[torch.Tensor], dp_group, dp_size: int, expert_dp_group=None,
+                              expert_dp_size: int = 1) -> None:
+    """Sum every adapter gradient over the data-parallel replicas, each exactly once: a dense
+    factor's over the data-parallel group, an expert's over its expert-data-parallel group
+    (the replicas that hold that expert); one flat all-reduce each."""
+    _sum_over([p for p in params if not is_expert(p)], dp_group, dp_size)
+    _sum_over([p for p in params if is_expert(p)], expert_dp_group, expert_dp_size)
+
+
+def _sum_over(params: list[torch.Tensor], group, size: int) -> None:
+    if size == 1 or not params:
         return
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, group=dp_group)
+    dist.all_reduce(flat, group=group)
     for p, g in zip(params, flat.split([p.numel() for p in params])):
         p.grad.copy_(g.view_as(p))
 
 
-def global_grad_norm(params: list[torch.Tensor], mp_group) -> torch.Tensor:
+def global_grad_norm(params: list[torch.Tensor], mp_group, expert_mp_group=None, etp_rank: int = 0) -> torch.Tensor:
     """The 2-norm of all adapter gradients of the model (all TP ranks and pipeline stages),
-    as a float64 tensor on the model-parallel group's collective device; no host sync."""
+    as a float64 tensor on the model-parallel group's collective device; no host sync.
+
+    Each parameter counts once: a dense factor TP ranks hold as copies on TP rank 0 only,
+    summed over the model-parallel group; an expert's factor over the expert-model-parallel
+    group (expert TP x EP x PP: every rank holding other experts), its copies on expert-TP
+    rank 0 only (an expert's data-parallel replicas are not in that group). A dense model
+    passes no ``expert_mp_group``."""
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    grads = [p.grad for p in params if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)]
+    dense = [p.grad for p in params if p.grad is not None and not is_expert(p)
+             and param_is_not_tensor_parallel_duplicate(p)]
+    experts = [p.grad for p in params if p.grad is not None and is_expert(p)
+               and (getattr(p, "tensor_model_parallel", False) or etp_rank == 0)]
     device = collective_device(mp_group)
-    if grads:
-        local = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-        sq = local.to(device=device, dtype=torch.float64).square()
-    else:
-        sq = torch.zeros((), dtype=torch.float64, device=device)
+    sq = _square_norm(dense, device)
     if dist.is_initialized():
         dist.all_reduce(sq, group=mp_group)
+    if expert_mp_group is not None:  # an MoE model: every rank takes part, with experts or none
+        expert_sq = _square_norm(experts, device)
+        if dist.is_initialized():
+            dist.all_reduce(expert_sq, group=expert_mp_group)
+        sq = sq + expert_sq
     return sq.sqrt()
+
+
+def _square_norm(grads: list[torch.Tensor], device) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    local = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    return local.to(device=device, dtype=torch.float64).square()
 
 
 def clip_(params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:

@@ -200,7 +200,7 @@ class Trainer:
         self.base = base if base is not None else BaseCheckpoint(cfg.model.load)
         shape = self.base.shape
         shape.check_seq_len(t.seq_len)
-        shape.check_parallel(g.tp_size, g.pp_size)
+        shape.check_parallel(g.tp_size, g.pp_size, g.ep_size, cfg.parallel.etp)
         # cheap checks first: the run folder (lock, resume plan) and the data, then the model
         self.plan, self.lock = folder if folder is not None else prepare(cfg, dist.get_world_size(), g.host)
         self.data = data if data is not None else load_data(cfg, self.base, g.host)
@@ -208,7 +208,8 @@ class Trainer:
         verifying = BaseVerification(self.base, self.rank, dist.get_world_size(), g.host)
         start = time.perf_counter()
         mcfg = transformer_config(shape, tp=g.tp_size, pp=g.pp_size, sp=cfg.parallel.sp, dtype=self.dtype,
-                                  device=device, recompute=t.recompute, perform_initialization=False)
+                                  device=device, recompute=t.recompute, perform_initialization=False,
+                                  ep=g.ep_size, etp=cfg.parallel.etp)
         self.model = build_gpt(shape, mcfg).to(device)
         self.base.load_into(self.model, g.tp_rank, g.tp_size)
         self.peft = cfg.peft
@@ -226,6 +227,7 @@ class Trainer:
         self.init_s = time.perf_counter() - start
         verifying.result()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.moe = bool(shape.experts)  # expert factors: their own groups for gradients and norms
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay,
                                            fused=device.type == "cuda")
         self.loss_scale = LossScale(dynamic=self.dtype == torch.float16)
@@ -301,6 +303,7 @@ class Trainer:
             write_json_atomic(os.path.join(self.out, "run.json"), {
                 "base": {"path": self.base.path, "fingerprint": self.base.fingerprint},
                 "world_size": dist.get_world_size(), "tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size,
+                **({"ep": g.ep_size, "etp": g.etp_size} if self.moe else {}),
                 "total_steps": self.total, "device": self.device.type, "dtype": str(self.dtype).replace("torch.", ""),
             })
 
@@ -326,8 +329,13 @@ class Trainer:
                                      f"({'; '.join(bad[:3]) if bad else 'on another rank'}): not saved")
         path = step_dir(self.out, self.step)
         g = self.groups
-        # layout-independent too: the r-wide AdamW moments, unsharded under HF names (collective over TP)
-        moments, adam_step = gather_moments(self.targets, self.optimizer, g.tp)
+        # layout-independent too: the r-wide AdamW moments, unsharded under HF names (collective
+        # over TP; an expert's over its expert-TP group, each EP rank writing its own experts')
+        dense = [t for t in self.targets if not t.is_expert]
+        experts = [t for t in self.targets if t.is_expert]
+        moments, adam_step = gather_moments(dense, self.optimizer, g.tp)
+        expert_moments, expert_step = gather_moments(experts, self.optimizer) if experts else ({}, 0)
+        adam_step = max(adam_step, expert_step)
         layout_free = {"step": self.step, "position": self.position, "adam_step": adam_step,
                        "loss_scale": self.loss_scale.state_dict()}
         per_rank = state_writer(self.rank, self.optimizer, self.step, self.position, self.device,
@@ -337,6 +345,8 @@ class Trainer:
             names = per_rank(folder)
             if g.tp_rank == 0 and g.dp_rank == 0:  # one writer per pipeline stage
                 names.append(write_moments(folder, g.pp_rank, moments, layout_free))
+            if experts and g.etp_rank == 0 and g.expert_dp_rank == 0:  # and per expert-parallel rank
+                names.append(write_moments(folder, g.pp_rank, expert_moments, layout_free, ep_rank=g.ep_rank))
             return names
 
         save_adapter_checkpoint(path, self.targets, self.peft, self.base, self.step, extra_writer=writer,
@@ -367,9 +377,9 @@ class Trainer:
         step = masked_loss_step(tokens, len(batches), loss_scale=scale)
         results = run_schedule(self.model, batches, step, t.seq_len, t.micro_batch, forward_only=False)
         loss_t = last_stage_totals(results, ["loss_sum"], g)
-        reduce_over_data_parallel(self.params, g.dp, g.dp_size)
+        reduce_over_data_parallel(self.params, g.dp, g.dp_size, g.expert_dp, g.expert_dp_size)
         unscale_(self.params, scale)
-        norm_t = global_grad_norm(self.params, g.mp)
+        norm_t = global_grad_norm(self.params, g.mp, g.expert_mp if self.moe else None, g.etp_rank)
         # the step's one host sync: the loss and the gradient norm together
         loss, norm = torch.stack([loss_t[0], norm_t.to(loss_t.device, torch.float64)]).tolist()
         lr = lr_at(self.step, self.total, t.lr, t.warmup, t.schedule, t.min_lr)
@@ -437,8 +447,9 @@ class Trainer:
             return {"step": 0, "checkpoint": path}
         if self.step == 0 and self.rank == 0:
             g = self.groups
+            experts = f" EP={g.ep_size} expert-TP={g.etp_size}" if self.moe else ""
             print(f"training {self.peft.method} r={self.peft.rank} for {self.total} steps on {self.device.type} "
-                  f"in {str(self.dtype).replace('torch.', '')} (TP={g.tp_size} PP={g.pp_size} DP={g.dp_size}, "
+                  f"in {str(self.dtype).replace('torch.', '')} (TP={g.tp_size} PP={g.pp_size} DP={g.dp_size}{experts}, "
                   f"{self.num_micro} micro-batches of {t.micro_batch} per step; model and adapters ready in "
                   f"{self.init_s:.1f} s)", flush=True)
         last = {}
@@ -474,8 +485,8 @@ class Trainer:
 def setup(cfg: RunConfig) -> tuple[torch.device, ParallelGroups]:
     """This process's device and the run's process groups, from the config."""
     device = resolve_device(cfg.model.device)
-    return device, init_distributed(device, cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed,
-                                    cfg.parallel.timeout_minutes)
+    p = cfg.parallel
+    return device, init_distributed(device, p.tp, p.pp, cfg.train.seed, p.timeout_minutes, ep=p.ep, etp=p.etp)
 
 
 def run(cfg: RunConfig) -> dict:

@@ -29,12 +29,26 @@ class ParallelGroups:
     dp_rank: int
     pp_last_rank: int  # global rank of this pipeline's last stage
     host: object = None  # every rank over gloo: waits while one rank works on the CPU (never on NCCL)
+    # mixture of experts (megatron's expert groups; at ep = 1 and etp = tp they mirror the dense ones)
+    ep_size: int = 1
+    ep_rank: int = 0
+    etp_size: int = 1
+    etp_rank: int = 0
+    expert_dp: object = None  # the ranks holding the same experts: their gradients are summed over it
+    expert_dp_size: int = 1
+    expert_dp_rank: int = 0
+    expert_mp: object = None  # expert TP x EP x PP: every rank holding different experts of one model
 
     @classmethod
     def from_megatron(cls, host=None) -> "ParallelGroups":
         from megatron.core import parallel_state as ps
 
         return cls(host=host,
+            ep_size=ps.get_expert_model_parallel_world_size(), ep_rank=ps.get_expert_model_parallel_rank(),
+            etp_size=ps.get_expert_tensor_parallel_world_size(), etp_rank=ps.get_expert_tensor_parallel_rank(),
+            expert_dp=ps.get_expert_data_parallel_group(), expert_dp_size=ps.get_expert_data_parallel_world_size(),
+            expert_dp_rank=ps.get_expert_data_parallel_rank(),
+            expert_mp=ps.get_expert_tensor_model_pipeline_parallel_group(),
             tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),
             dp=ps.get_data_parallel_group(), mp=ps.get_model_parallel_group(),
             tp_size=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
@@ -44,11 +58,13 @@ class ParallelGroups:
         )
 
 
-def init_distributed(device: torch.device, tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> ParallelGroups:
+def init_distributed(device: torch.device, tp: int, pp: int, seed: int, timeout_minutes: int = 30, ep: int = 1,
+                     etp: int | None = None) -> ParallelGroups:
     """torch.distributed (NCCL on a GPU, gloo on the CPU) and megatron's groups, every one
     with ``timeout_minutes``; a gloo group over all ranks for host-side waits (tokenising,
     checksums, the run folder's plan: an NCCL barrier would spin a GPU and abort at its
-    timeout); then the seeds megatron's model construction expects (the same everywhere)."""
+    timeout); then the seeds megatron's model construction expects (the same everywhere).
+    ``ep``/``etp``: megatron's expert-parallel and expert-TP sizes (``etp`` None: ``tp``)."""
     from megatron.core import parallel_state as ps
 
     timeout = timedelta(minutes=timeout_minutes)
@@ -62,9 +78,14 @@ def init_distributed(device: torch.device, tp: int, pp: int, seed: int, timeout_
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ConfigError(f"world size {world} is not a multiple of parallel.tp x parallel.pp = {tp * pp}")
+    expert_tp = tp if etp is None else etp
+    if (world // pp) % (ep * expert_tp):
+        raise ConfigError(f"parallel.ep x expert TP = {ep} x {expert_tp} does not divide the {world // pp} ranks of a "
+                          f"pipeline stage (world size {world} / parallel.pp {pp}): experts are carved out of DP x TP")
     compat.apply(device)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
                                      distributed_timeout_minutes=timeout_minutes)
     compat.model_parallel_manual_seed(seed)
     host = None if backend_for(device) == "gloo" else dist.new_group(backend="gloo", timeout=timeout)

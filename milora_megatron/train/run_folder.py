@@ -32,7 +32,7 @@ RUN = "run.json"
 RUN_FILES = (CONFIG, RUN, "metrics.jsonl", CHECKPOINTS)
 # keys whose change a resume cannot honour: the factors' shapes and meaning, the samples and
 # their order, the layout of the per-rank state
-FIXED_ON_RESUME = ("peft.method", "peft.rank", "peft.alpha", "peft.targets", "peft.residual", "data.train",
+FIXED_ON_RESUME = ("peft.method", "peft.rank", "peft.alpha", "peft.targets", "peft.moe_targets", "peft.residual", "data.train",
                    "data.template", "data.pack", "train.seq_len", "train.seed")
 
 
@@ -180,8 +180,12 @@ def plan(out: str, config: dict, world_size: int, fresh_start: bool) -> dict:
         raise RunFolderError(f"{out} was trained with other settings that a resume cannot change "
                              f"({'; '.join(conflicts)}); use another output.dir, or output.fresh_start=true")
     parallel = config.get("parallel", {})
-    now = (world_size, parallel.get("tp", 1), parallel.get("pp", 1))
-    then = (run.get("world_size", world_size), run.get("tp", now[1]), run.get("pp", now[2]))
+    tp = parallel.get("tp", 1)
+    # an MoE run records its expert layout too (ep, expert TP); a dense run's is (1, tp)
+    now = (world_size, tp, parallel.get("pp", 1), parallel.get("ep", 1), parallel.get("etp") or tp)
+    then_tp = run.get("tp", now[1])
+    then = (run.get("world_size", world_size), then_tp, run.get("pp", now[2]), run.get("ep", 1),
+            run.get("etp", then_tp))
     relayout = now != then
     # the same layout resumes bit-exactly from every rank's own state (RNG included); another
     # layout from the layout-independent state (factors and AdamW moments under HF names)
@@ -212,9 +216,10 @@ def plan(out: str, config: dict, world_size: int, fresh_start: bool) -> dict:
     return {"resume": ckpt.path, "notes": notes, "relayout": relayout, "saved_stages": then[2], "changed": changed}
 
 
-def _layout(layout: tuple[int, int, int]) -> str:
-    world, tp, pp = layout
-    return f"TP={tp} x PP={pp} x DP={world // max(tp * pp, 1)} ({world} processes)"
+def _layout(layout: tuple[int, int, int, int, int]) -> str:
+    world, tp, pp, ep, etp = layout
+    experts = f", EP={ep} expert-TP={etp}" if (ep, etp) != (1, tp) else ""
+    return f"TP={tp} x PP={pp} x DP={world // max(tp * pp, 1)}{experts} ({world} processes)"
 
 
 def prepare(cfg, world_size: int, host_group=None) -> tuple[dict, RunLock | None]:

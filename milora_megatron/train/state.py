@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import torch
 
-from ..checkpoint.adapters import CHECKPOINTS, LATEST, AdapterCheckpoint
+from ..checkpoint.adapters import CHECKPOINTS, LATEST, AdapterCheckpoint, shard_group
 from ..device import on_gpu
 from ..errors import CheckpointError
 
@@ -84,8 +84,10 @@ def prune(run_dir: str, keep_last: int) -> None:
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def optimizer_file(stage: int) -> str:
-    return f"optimizer-stage{stage:03d}.safetensors"
+def optimizer_file(stage: int, ep_rank: int | None = None) -> str:
+    """A stage's moments file (the layout-free state in its metadata); ``ep_rank``: one
+    expert-parallel rank's expert moments."""
+    return f"optimizer-stage{stage:03d}" + ("" if ep_rank is None else f"-experts{ep_rank:03d}") + ".safetensors"
 
 
 def trained_factors(targets):
@@ -99,44 +101,48 @@ def trained_factors(targets):
 
 def gather_moments(targets, optimizer, tp_group=None) -> tuple[dict[str, torch.Tensor], int]:
     """AdamW's moments of this stage's trained factors, unsharded and keyed like the factors
-    (``<hf module>.lora_A.exp_avg``), and AdamW's step count. Collective over TP; r-wide."""
+    (``<hf module>.lora_A.exp_avg``), and AdamW's step count. Collective over TP (an
+    expert's over its expert-TP group); r-wide."""
     import torch.distributed as dist
 
-    tp = tp_group.size() if tp_group is not None else 1
     out, adam_step = {}, 0
-    for key, param, dim in trained_factors(targets):
-        state = optimizer.state.get(param, {})
-        adam_step = int(float(state.get("step", 0)))
-        for moment in MOMENTS:
-            local = state.get(moment, torch.zeros_like(param)).detach().float().contiguous()
-            if dim is not None and tp > 1:
-                parts = [torch.empty_like(local) for _ in range(tp)]
-                dist.all_gather(parts, local, group=tp_group)
-                local = torch.cat(parts, dim=dim)
-            out[f"{key}.{moment}"] = local.cpu().clone()
+    for t in targets:
+        group = shard_group(t, tp_group)
+        tp = group.size() if group is not None else 1
+        for key, param, dim in trained_factors([t]):
+            state = optimizer.state.get(param, {})
+            adam_step = int(float(state.get("step", 0)))
+            for moment in MOMENTS:
+                local = state.get(moment, torch.zeros_like(param)).detach().float().contiguous()
+                if dim is not None and tp > 1:
+                    parts = [torch.empty_like(local) for _ in range(tp)]
+                    dist.all_gather(parts, local, group=group)
+                    local = torch.cat(parts, dim=dim)
+                out[f"{key}.{moment}"] = local.cpu().clone()
     return out, adam_step
 
 
-def write_moments(folder: str, stage: int, moments: dict, meta: dict) -> str:
+def write_moments(folder: str, stage: int, moments: dict, meta: dict, ep_rank: int | None = None) -> str:
     from safetensors.torch import save_file
 
     import json
 
-    name = optimizer_file(stage)
+    name = optimizer_file(stage, ep_rank)
     save_file(moments, os.path.join(folder, name), metadata={"state": json.dumps(meta)})
     return name
 
 
 def load_moments(ckpt: AdapterCheckpoint, stages: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every stage's moments (keyed by HF names, so any new PP split finds its own) and the
-    global state (step, data position, AdamW step, loss scale)."""
+    """Every stage's moments, its experts' too (keyed by HF names, so any new PP or EP split
+    finds its own), and the global state (step, data position, AdamW step, loss scale)."""
     import json
 
     from safetensors import safe_open
 
     moments, meta = {}, None
-    for stage in range(stages):
-        with safe_open(os.path.join(ckpt.path, optimizer_file(stage)), framework="pt") as f:
+    expert_files = sorted(n for n in os.listdir(ckpt.path) if n.startswith("optimizer-stage") and "-experts" in n)
+    for name in [optimizer_file(stage) for stage in range(stages)] + expert_files:
+        with safe_open(os.path.join(ckpt.path, name), framework="pt") as f:
             meta = meta or json.loads(f.metadata()["state"])
             moments.update({k: f.get_tensor(k) for k in f.keys()})
     return moments, meta
@@ -147,17 +153,25 @@ def install_moments(targets, optimizer, moments: dict, adam_step: int, tp_rank: 
     then places it: the parameter's device, fused AdamW's step dtype)."""
     index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     state = {}
-    for key, param, dim in trained_factors(targets):
-        entry = {"step": torch.tensor(float(adam_step))}
-        for moment in MOMENTS:
-            full = moments.get(f"{key}.{moment}")
-            if full is None:
-                raise CheckpointError(f"the checkpoint's optimizer state lacks {key}.{moment}")
-            part = full.chunk(tp_size, dim=dim)[tp_rank] if dim is not None else full
-            if tuple(part.shape) != tuple(param.shape):
-                raise CheckpointError(f"{key}.{moment}: saved {tuple(part.shape)}, the model has {tuple(param.shape)}")
-            entry[moment] = part.clone()
-        state[index[id(param)]] = entry
+    for t in targets:
+        group = shard_group(t, None) if getattr(t, "is_expert", False) else None
+        rank, size = (group.rank(), group.size()) if group is not None else (tp_rank, tp_size)
+        for key, param, dim in trained_factors([t]):
+            state[index[id(param)]] = _moments_entry(key, param, dim, moments, adam_step, rank, size)
     saved = optimizer.state_dict()
     saved["state"] = state
     optimizer.load_state_dict(saved)
+
+
+def _moments_entry(key: str, param, dim, moments: dict, adam_step: int, tp_rank: int, tp_size: int) -> dict:
+    """One factor's AdamW state: its shard of the saved moments."""
+    entry = {"step": torch.tensor(float(adam_step))}
+    for moment in MOMENTS:
+        full = moments.get(f"{key}.{moment}")
+        if full is None:
+            raise CheckpointError(f"the checkpoint's optimizer state lacks {key}.{moment}")
+        part = full.chunk(tp_size, dim=dim)[tp_rank] if dim is not None else full
+        if tuple(part.shape) != tuple(param.shape):
+            raise CheckpointError(f"{key}.{moment}: saved {tuple(part.shape)}, the model has {tuple(param.shape)}")
+        entry[moment] = part.clone()
+    return entry
