@@ -14,7 +14,11 @@ config.json, generation config and tokenizer files from the source.
 --adapter-only: adapter_config.json + adapter_model.safetensors for
 PeftModel.from_pretrained(ORIGINAL_BASE, OUT_DIR). PiSSA/MiLoRA are written in PEFT's
 rank-2r form (lora_A = [A; A0], lora_B = [B, -B0], r -> 2r, alpha -> 2 alpha); LoRA and
-MiCA at rank r.
+MiCA at rank r. A mixture-of-experts model's adapter: --expert-form fused (default; PEFT on
+the original transformers model, whose experts are fused 3-D parameters: target_parameters,
+gate and up of an expert one block-diagonal LoRA of gate_up_proj at twice the rank, set in
+rank_pattern/alpha_pattern) or per-expert (serving engines such as vLLM: each expert's
+gate/up/down under its on-disk name, one rank and alpha for every module).
 
 An error the user can act on (a damaged or diverged checkpoint, --out in the way, a full
 disk) is one line on stderr and exit status 2; nothing already on disk is changed.
@@ -52,6 +56,10 @@ def main(argv=None) -> int:
     p.add_argument("--base", default=None,
                    help="where the run's base checkpoint is now, if it was moved (it must be the same base: "
                         "its content fingerprint is checked)")
+    p.add_argument("--expert-form", choices=["fused", "per-expert"], default="fused",
+                   help="with --adapter-only on a mixture-of-experts model: fused (default: PEFT on the original "
+                        "transformers model, experts as its fused 3-D parameters) | per-expert (serving engines: "
+                        "each expert's projections under their on-disk names, one rank and alpha everywhere)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -61,7 +69,7 @@ def main(argv=None) -> int:
     try:
         if args.adapter_only:
             out = export_peft(args.ckpt, args.out, args.dtype, args.overwrite, verify=not args.no_verify,
-                              base_path=args.base)
+                              base_path=args.base, expert_form=args.expert_form)
         else:
             out = export_merged(args.ckpt, args.out, args.dtype, args.max_shard_size, args.overwrite,
                                 verify=not args.no_verify, progress=not args.quiet, base_path=args.base)

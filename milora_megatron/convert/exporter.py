@@ -26,6 +26,7 @@ from ..checkpoint.atomic import atomic_directory, check_output
 from ..checkpoint.base import DTYPES, MANIFEST, BaseCheckpoint, is_base_checkpoint
 from ..errors import CheckpointError, ConfigError
 from .hf_folder import INDEX_NAME
+from .peft_experts import EXPERT_FORMS, fused_form, per_expert_form
 from ..mapping.decoder import EMBEDDING, FINAL_NORM, LM_HEAD, hf_layer_prefix, megatron_to_hf_layer
 
 
@@ -207,13 +208,17 @@ def _target_modules(targets, wrapper: dict | None):
 
 
 def export_peft(path: str, out: str, dtype: str | None = None, overwrite: bool = False, verify: bool = True,
-                base_path: str | None = None) -> str:
+                base_path: str | None = None, expert_form: str = "fused") -> str:
     """A PEFT LoRA folder that applies to the ORIGINAL base model.
 
     PiSSA/MiLoRA trained from W - s B0 A0; on the original W their update is
     s (B A - B0 A0), which is a rank-2r LoRA ``[B, -B0] [A; A0]`` with alpha doubled so
-    that alpha / r stays s (the form PEFT's own PiSSA conversion writes).
+    that alpha / r stays s (the form PEFT's own PiSSA conversion writes). A mixture-of-
+    experts model's adapter is written in ``expert_form`` (convert/peft_experts.py): ``fused``
+    for PEFT on transformers' fused experts, ``per-expert`` for serving engines.
     """
+    if expert_form not in EXPERT_FORMS:
+        raise ConfigError(f"expert_form must be one of {list(EXPERT_FORMS)}, got {expert_form!r}")
     check_output(out, overwrite)  # before any checksum of a 16 GB base
     base, adapter = open_checkpoint(path, verify, base_path)
     if adapter is None:
@@ -223,32 +228,46 @@ def export_peft(path: str, out: str, dtype: str | None = None, overwrite: bool =
     cast = DTYPES[dtype] if dtype else torch.float32
     has_initial = any(k.endswith(".lora_A0") for k in factors)
     rank, alpha = peft["rank"], float(peft["alpha"])
-    tensors = {}
-    # a multimodal source (models/families: Wrapper): the adapter is for that original model,
-    # whose text decoder's modules sit under the wrapper's prefix
-    wrapper = base.manifest["source"].get("wrapper")
+    if has_initial:
+        rank, alpha = 2 * rank, 2 * alpha
+    modules = {}
     for key in sorted(k for k in factors if k.endswith(".lora_A")):
         module = key[: -len(".lora_A")]
         a, b = factors[f"{module}.lora_A"], factors[f"{module}.lora_B"]
         if has_initial:
             a = torch.cat([a, factors[f"{module}.lora_A0"]], dim=0)
             b = torch.cat([b, -factors[f"{module}.lora_B0"]], dim=1)
-        name = wrapper["module_prefix"] + module.removeprefix("model.") if wrapper else module
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(cast).contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.to(cast).contiguous()
+        modules[module] = (a.to(cast).contiguous(), b.to(cast).contiguous())
+    # a multimodal source (models/families: Wrapper): the adapter is for that original model,
+    # whose text decoder's modules sit under the wrapper's prefix
+    wrapper = base.manifest["source"].get("wrapper")
+    shape = base.shape
+    if shape.experts and expert_form == "fused":
+        tensors, fields = fused_form(modules, rank, alpha, shape.experts, shape.moe_ffn, shape.expert_names)
+    elif shape.experts:
+        tensors, fields = per_expert_form(modules, shape.expert_names)
+    else:
+        tensors = {}
+        for module, (a, b) in modules.items():
+            name = wrapper["module_prefix"] + module.removeprefix("model.") if wrapper else module
+            tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = a, b
+        fields = {"target_modules": _target_modules(peft["targets"], wrapper), "rank_pattern": {}, "alpha_pattern": {}}
+    tensors = {f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()}
+    # PEFT's LoRA on fused expert parameters refuses dropout; the export is for inference
+    dropout = 0.0 if shape.experts else peft["dropout"]
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base.manifest["source"]["hf_dir"],
-        "r": 2 * rank if has_initial else rank, "lora_alpha": 2 * alpha if has_initial else alpha,
-        "lora_dropout": peft["dropout"], "target_modules": _target_modules(peft["targets"], wrapper), "bias": "none",
+        "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "bias": "none",
         "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "use_rslora": False,
-        "use_dora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+        "use_dora": False, "modules_to_save": None, **fields,
     }
     with atomic_directory(out, overwrite=overwrite) as tmp:  # a full disk: DiskFullError
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(config, f, indent=2)
         with open(os.path.join(tmp, "milora_export.json"), "w") as f:
-            json.dump({"method": peft["method"], "trained_rank": rank, "trained_alpha": alpha,
+            json.dump({"method": peft["method"], "trained_rank": peft["rank"], "trained_alpha": float(peft["alpha"]),
                        "form": "rank-2r [B, -B0][A; A0]" if has_initial else "rank-r",
+                       **({"expert_form": expert_form} if shape.experts else {}),
                        **_provenance(base, adapter)}, f, indent=2)
     return os.path.abspath(out)

@@ -201,6 +201,9 @@ class Trainer:
         shape = self.base.shape
         shape.check_seq_len(t.seq_len)
         shape.check_parallel(g.tp_size, g.pp_size, g.ep_size, cfg.parallel.etp)
+        if shape.experts and g.tp_size > 1 and not cfg.parallel.sp:
+            raise ConfigError(f"a mixture-of-experts model at parallel.tp={g.tp_size} trains with sequence parallelism "
+                              "only (megatron's MoE layer refuses otherwise): set parallel.sp=true")
         # cheap checks first: the run folder (lock, resume plan) and the data, then the model
         self.plan, self.lock = folder if folder is not None else prepare(cfg, dist.get_world_size(), g.host)
         self.data = data if data is not None else load_data(cfg, self.base, g.host)

@@ -8,10 +8,7 @@ import pytest
 import torch
 from damage import flip
 from distributed import run_distributed
-from hf_tiny import DENSE_FAMILIES, make_hf_model
-
-# exports of expert adapters are tested on their own; here the dense families
-FAMILIES = DENSE_FAMILIES
+from hf_tiny import FAMILIES, make_hf_model
 
 CASES = [("lora", "branch"), ("pissa", "branch"), ("milora", "branch"), ("mica", "branch"), ("milora", "merge")]
 TOL = 1e-4
@@ -32,7 +29,8 @@ def _train_worker(ckpt, run_root, tokens, cases=CASES):
     labels = torch.roll(tokens, -1, dims=1)
     out = {}
     for method, residual in cases:
-        model = build_gpt(base.shape, transformer_config(base.shape, tp=tp))
+        # megatron's MoE layer trains at TP > 1 under sequence parallelism only
+        model = build_gpt(base.shape, transformer_config(base.shape, tp=tp, sp=bool(base.shape.experts)))
         base.load_into(model, rank, tp)
         cfg = AdapterConfig(method=method, rank=4, alpha=8, dropout=0.05, residual=residual,
                             targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -94,7 +92,9 @@ def test_merged_equals_peft_equals_megatron(trained, method, residual):
 
 @pytest.fixture(scope="module")
 def families_trained(tmp_path_factory):
-    """Three MiLoRA steps at TP=2 on a tiny model of each non-Llama family."""
+    """Three MiLoRA steps at TP=2 on a tiny model of each non-Llama family (the MoE ones:
+    attention, Qwen3-MoE's dense first layer and every expert adapted, experts split over
+    expert-TP 2)."""
     from milora_megatron.convert.importer import convert_hf_to_megatron
 
     root = tmp_path_factory.mktemp("families")
@@ -108,24 +108,44 @@ def families_trained(tmp_path_factory):
     return root, tokens, logits
 
 
+def _merged(root, family: str) -> str:
+    """The family's merged export (written once, for the tests that read it)."""
+    from milora_megatron.convert.exporter import export_merged
+
+    out = root / family / "merged"
+    if not out.exists():
+        export_merged(str(root / family / "runs" / "milora_branch"), str(out), progress=False)
+    return str(out)
+
+
 @pytest.mark.parametrize("family", FAMILIES[1:])
 def test_families_export_equals_peft_merge(families_trained, family):
     """Merged export == PEFT's own merge of the exported adapter onto the original model
-    (weights), and PEFT, the merged model and megatron give the same logits."""
+    (weights), and PEFT, the merged model and megatron give the same logits. PEFT takes
+    every tensor of the adapter file (for an MoE model: the experts' through the fused 3-D
+    parameters of transformers' model)."""
     from peft import PeftModel
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from milora_megatron.convert.exporter import export_merged, export_peft
+    from milora_megatron.convert.exporter import export_peft
 
     root, tokens, logits = families_trained
     run = str(root / family / "runs" / "milora_branch")
-    merged_dir = export_merged(run, str(root / family / "merged"), progress=False)
+    merged_dir = _merged(root, family)
     peft_dir = export_peft(run, str(root / family / "peft"))
     original = AutoModelForCausalLM.from_pretrained(str(root / family / "hf"))
     peft = PeftModel.from_pretrained(original, peft_dir).eval()
-    adapted = {n.split(".lora_A.")[0] for n, _ in peft.named_parameters() if ".lora_A." in n}
-    assert len(adapted) == 4 * 7 and all(n.split(".")[-1] in (
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") for n in adapted)
+    with safe_open(os.path.join(peft_dir, "adapter_model.safetensors"), framework="pt") as f:
+        written = set(f.keys())
+    loaded = {n.replace(".default", "") for n, _ in peft.named_parameters() if ".lora_" in n}
+    assert loaded == written, sorted(loaded ^ written)[:6]
+    if family in ("qwen3_moe", "mixtral"):
+        assert any(".mlp.experts.base_layer.lora_A" in n for n in written)  # gate_up_proj inside down_proj
+    else:
+        adapted = {n.split(".lora_A.")[0] for n in written if ".lora_A." in n}
+        assert len(adapted) == 4 * 7 and all(n.split(".")[-1] in (
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") for n in adapted)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     with torch.no_grad():
         peft_logits = peft(tokens).logits
@@ -138,6 +158,51 @@ def test_families_export_equals_peft_merge(families_trained, family):
     assert set(reference) == set(ours)
     for name, tensor in reference.items():
         assert (ours[name] - tensor).abs().max() <= 1e-5, name
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_moe_per_expert_adapter_holds_each_experts_update(families_trained, family):
+    """--expert-form per-expert: every expert's gate/up/down (Mixtral's w1/w3/w2) under its
+    on-disk name, one rank and alpha for every module, and s B' A' of each module is exactly
+    what the merged export added to that weight."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from milora_megatron.convert.exporter import export_peft
+
+    root, _, _ = families_trained
+    run = str(root / family / "runs" / "milora_branch")
+    peft_dir = export_peft(run, str(root / family / "peft_per_expert"), expert_form="per-expert")
+    with open(os.path.join(peft_dir, "adapter_config.json")) as f:
+        config = json.load(f)
+    assert config["rank_pattern"] == {} and config["alpha_pattern"] == {} and config["r"] == 8
+    names = ("w1", "w2", "w3") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    assert set(names) <= set(config["target_modules"])
+    tensors = load_file(os.path.join(peft_dir, "adapter_model.safetensors"))
+    block = "block_sparse_moe" if family == "mixtral" else "mlp"
+    assert f"base_model.model.model.layers.1.{block}.experts.3.{names[0]}.lora_A.weight" in tensors
+    original, merged = {}, {}
+    _merged(root, family)
+    for folder, into in ((root / family / "hf", original), (root / family / "merged", merged)):
+        for name in os.listdir(folder):
+            if name.endswith(".safetensors"):
+                with safe_open(str(folder / name), framework="pt") as f:
+                    into.update({k: f.get_tensor(k) for k in f.keys()})
+    scaling = config["lora_alpha"] / config["r"]
+    modules = [k[len("base_model.model."): -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")]
+    for module in modules:
+        a = tensors[f"base_model.model.{module}.lora_A.weight"].double()
+        b = tensors[f"base_model.model.{module}.lora_B.weight"].double()
+        delta = merged[f"{module}.weight"].double() - original[f"{module}.weight"].double()
+        assert (scaling * b @ a - delta).abs().max() <= 1e-5, module
+    if family == "mixtral":  # no dense MLP layer: PEFT's own v4 -> v5 conversion loads this form exactly
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(root / family / "hf")), peft_dir)
+        reference = peft.merge_and_unload().state_dict()
+        ours = AutoModelForCausalLM.from_pretrained(str(root / family / "merged")).state_dict()
+        assert max((reference[k] - ours[k]).abs().max() for k in reference) <= 1e-5
 
 
 def _tiny_gemma3_multimodal(path: str):
