@@ -169,8 +169,9 @@ def cached_subspaces(root: str, fingerprint: str, weights: list[ShardedWeight], 
     device = weights[0].local.device if weights else torch.device("cpu")
     good = _agree([v is not None for v in views], (tp_group, dp_group), device)
     missing = [i for i, ok in enumerate(good) if not ok]
-    stats["cache_hits"] = len(weights) - len(missing)
-    stats["cache_misses"] = len(missing)
+    # added up: an MoE model's dense targets and experts are two calls
+    stats["cache_hits"] = stats.get("cache_hits", 0) + len(weights) - len(missing)
+    stats["cache_misses"] = stats.get("cache_misses", 0) + len(missing)
     results: list[Subspace | None] = [views[i] if ok else None for i, ok in enumerate(good)]
     if missing:
         solved = extract_subspaces([weights[i] for i in missing], rank, which, tp_group, dp_group, backend,

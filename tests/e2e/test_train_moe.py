@@ -1,14 +1,15 @@
 """The trainer on a mixture-of-experts model (a tiny Qwen3-MoE: a dense first layer, then
 sparse ones of 4 experts, top-2), MiLoRA on attention, the dense MLP and every expert:
 expert parallelism (EP=2), and experts split over TP=2 ranks with sequence parallelism,
-give a one-process run's losses and adapter; a run resumes across EP sizes with the same
-losses; a bad EP is one line before the model is built."""
+and PP=2 x EP=2, give a one-process run's losses and adapter; the init cache serves the
+experts at another layout; a run resumes across EP sizes with the same losses and no
+eigensolve; a bad EP is one line before the model is built."""
 
 import json
 import shutil
 
 import pytest
-from trainer_runs import TORCHRUN_WRAPPER, common, last_losses, losses, make_inputs, run
+from trainer_runs import TORCHRUN_WRAPPER, common, last_losses, losses, make_inputs, records, run
 
 from milora_megatron.checkpoint.adapters import AdapterCheckpoint
 
@@ -18,13 +19,20 @@ REL = 1e-4
 
 @pytest.fixture(scope="module")
 def moe_runs(tmp_path_factory):
-    """One process (EP=1), then EP=2 over two processes; four steps, checkpoints at 2 and 4."""
+    """One process (EP=1), then EP=2 over two processes; four steps, checkpoints at 2 and 4.
+    The first fills an init cache that the second reads."""
     root = tmp_path_factory.mktemp("moe")
     ckpt = make_inputs(root, family="qwen3_moe")
     extra = {"train.iters": 4, "output.save_every": 2, "output.keep_last": 3, "peft.targets": TARGETS}
-    run(1, common(root, ckpt, root / "ep1", **{"parallel.tp": 1, **extra}))
-    run(2, common(root, ckpt, root / "ep2", **{"parallel.tp": 1, "parallel.ep": 2, **extra}))
+    cache = {"peft.init_cache": str(root / "init_cache")}
+    run(1, common(root, ckpt, root / "ep1", **{"parallel.tp": 1, **extra, **cache}))
+    run(2, common(root, ckpt, root / "ep2", **{"parallel.tp": 1, "parallel.ep": 2, **extra, **cache}))
     return root, ckpt, extra
+
+
+def _init(out) -> dict:
+    """The latest run's init record (a resumed folder holds its first run's too)."""
+    return [r for r in records(out) if r.get("event") == "init"][-1]
 
 
 def _rel(got: dict, expected: dict) -> float:
@@ -49,6 +57,9 @@ def test_expert_parallel_training_equals_one_process(moe_runs, tmp_path):
     expected = last_losses(root / "ep1")
     assert expected[4] < expected[1]
     assert _rel(last_losses(root / "ep2"), expected) <= REL
+    # every expert's singular triplets from the cache the one-process run filled: no eigensolve
+    assert _init(root / "ep2")["eigensolves_per_rank"] == [0, 0] and _init(root / "ep2")["factors_from"] == "cache"
+    assert sum(_init(root / "ep1")["cache_misses_per_rank"]) == 4 * 3 + 3 + 3 * 3 * 4  # q/k/v, the dense MLP, experts
     _same_adapter(str(root / "ep2"), str(root / "ep1"))
     files = AdapterCheckpoint(str(root / "ep2")).meta["files"]
     assert files == ["adapter-stage000.safetensors", "adapter-stage000-experts000.safetensors",
@@ -60,6 +71,8 @@ def test_expert_parallel_training_equals_one_process(moe_runs, tmp_path):
     with open(tmp_path / "tp2ep2" / "run.json") as f:
         recorded = json.load(f)
     assert {k: recorded[k] for k in ("tp", "ep", "etp")} == {"tp": 2, "ep": 2, "etp": 2}
+    run(4, common(root, ckpt, tmp_path / "pp2ep2", **{"parallel.tp": 1, "parallel.pp": 2, "parallel.ep": 2, **extra}))
+    assert _rel(last_losses(tmp_path / "pp2ep2"), expected) <= REL
 
 
 @pytest.mark.parametrize("saved_ep,resumed_ep", [(2, 1), (1, 2)])
@@ -72,6 +85,7 @@ def test_resume_across_expert_parallel_sizes(moe_runs, tmp_path, saved_ep, resum
     shutil.rmtree(out / "checkpoints" / "step_0000004")  # as if the job had ended after step 2
     text = run(resumed_ep, common(root, ckpt, out, **{"parallel.tp": 1, "parallel.ep": resumed_ep, **extra}))
     assert "resuming on another layout" in text
+    assert set(_init(out)["eigensolves_per_rank"]) == {0} and _init(out)["factors_from"] == "checkpoint"
     assert _rel(last_losses(out), last_losses(root / "ep1")) <= REL
     assert losses(out)[:2] == losses(root / f"ep{saved_ep}")[:2]
 
