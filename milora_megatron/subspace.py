@@ -146,7 +146,7 @@ def _oriented(local: torch.Tensor, shard_dim: int) -> torch.Tensor:
 
 @dataclass
 class _Job:
-    """One matrix's state through the phases of ``_extract_grams``."""
+    """One matrix: where it goes (owner), and which side its Gram is taken on."""
 
     index: int
     weight: ShardedWeight
@@ -154,17 +154,16 @@ class _Job:
     flip: bool  # TP=1 only: the Gram is taken on the smaller side
     n_unsharded: int
     n_nonzero: int
-    gram: torch.Tensor | None = None  # on the owner, between phases 1 and 2
-    basis: torch.Tensor | None = None
-    top_sq: float = 0.0
-    proj: torch.Tensor | None = None
-    stack: list | None = None
 
     def x(self) -> torch.Tensor:
         """This rank's shard, float64, sharded side as rows (recomputed, not kept: at 8B one
         float64 copy of up_proj is 470 MB)."""
         x = _oriented(self.weight.local, self.weight.shard_dim).to(torch.float64)
         return x.t() if self.flip else x
+
+    def key(self) -> tuple:
+        """Matrices of one key go through the phases as one batch: the same owner and shapes."""
+        return (self.owner, self.flip, tuple(self.weight.local.shape), self.weight.shard_dim, self.weight.local.device)
 
 
 def _job(index: int, w: ShardedWeight, owner: int, tp_size: int) -> _Job:
@@ -177,7 +176,61 @@ def _job(index: int, w: ShardedWeight, owner: int, tp_size: int) -> _Job:
     return _Job(index, w, owner, flip, n_unsharded=cols, n_nonzero=min(rows * tp_size, cols))
 
 
-def _extract_grams(jobs: list[_Job], rank: int, which: Which, group, stats: dict) -> dict[int, Subspace]:
+@dataclass
+class _Batch:
+    """Same-shaped matrices of one owner, stacked: every phase is one batched product, one
+    factorisation and one collective for all of them (an MoE layer's experts: hundreds of
+    matrices of one shape per rank)."""
+
+    jobs: list[_Job]
+    gram: torch.Tensor | None = None  # (B, n, n), on the owner between phases 1 and 2
+    basis: torch.Tensor | None = None  # (B, n, r)
+    top_sq: torch.Tensor | None = None  # (B,)
+    proj: torch.Tensor | None = None  # (B, m, r)
+    stack: list | None = None
+
+    @property
+    def lead(self) -> _Job:
+        return self.jobs[0]
+
+    def x(self) -> torch.Tensor:
+        """(B, m, n): the stacked float64 shards, recomputed when needed (see ``_Job.x``)."""
+        return torch.stack([j.x() for j in self.jobs])
+
+
+def _batches(jobs: list[_Job], budget_bytes: int) -> list[_Batch]:
+    """A chunk's jobs grouped by key (owner, shapes) in the order keys first appear (the same
+    on every rank), each batch's float64 shards within ``budget_bytes``."""
+    groups: dict[tuple, list[_Job]] = {}
+    for j in jobs:
+        groups.setdefault(j.key(), []).append(j)
+    out = []
+    for same in groups.values():
+        per_batch = max(1, budget_bytes // (same[0].weight.local.numel() * 8))
+        out += [_Batch(same[i : i + per_batch]) for i in range(0, len(same), per_batch)]
+    return out
+
+
+def _solve(gram: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs lo..hi-1 of each of a batch of symmetric float64 matrices: on a GPU one
+    batched ``torch.linalg.eigh``; on the CPU LAPACK's subset driver per matrix, which is
+    faster there than a batched full solve (``_eigh_range``)."""
+    if gram.device.type != "cpu":
+        vals, vecs = torch.linalg.eigh(gram)
+        return vals[:, lo:hi], vecs[:, :, lo:hi]
+    pairs = [_eigh_range(g, lo, hi) for g in gram]
+    return torch.stack([v for v, _ in pairs]), torch.stack([u for _, u in pairs])
+
+
+def _sign_fix_batched(vectors: torch.Tensor) -> torch.Tensor:
+    """``_sign_fix`` of each matrix of a (B, n, r) batch: (B, r) of +1/-1."""
+    idx = vectors.abs().argmax(dim=1, keepdim=True)
+    pivots = vectors.gather(1, idx).squeeze(1)
+    return torch.where(pivots < 0, -1.0, 1.0).to(vectors.dtype)
+
+
+def _extract_grams(jobs: list[_Job], rank: int, which: Which, group, stats: dict,
+                   batch_bytes: int | None = None) -> dict[int, Subspace]:
     """One chunk of matrices, in phases, so that the owners solve at the same time:
 
     1. every Gram is reduced to its owner (communication only);
@@ -185,69 +238,78 @@ def _extract_grams(jobs: list[_Job], rank: int, which: Which, group, stats: dict
     3. the r-wide bases go out;
     4. every rank projects its shard and its r x r R factor goes to the owner;
     5. the owners' small SVDs (Rayleigh-Ritz), whose rotation and sigma go out.
-    Within a phase the matrices are taken in the same order on every rank."""
+    Within a phase the matrices are taken in the same order on every rank, same-shaped ones
+    of one owner as one batch (``_Batch``)."""
     tp_size, tp_rank = _world(group)
-    src = {j.index: _global_rank(group, j.owner) for j in jobs}
+    batches = _batches(jobs, batch_bytes or BATCH_BYTES)
+    src = {id(b): _global_rank(group, b.lead.owner) for b in batches}
     pending = None  # 1: each reduction overlaps the next Gram's product (one in flight)
-    for j in jobs:
-        x = j.x()
-        gram = x.t() @ x
+    for b in batches:
+        x = b.x()
+        gram = x.transpose(1, 2) @ x
         del x
         if tp_size > 1:
-            handle = dist.reduce(gram, dst=src[j.index], group=group, async_op=True)
+            handle = dist.reduce(gram, dst=src[id(b)], group=group, async_op=True)
             if pending is not None:
                 pending[0].wait()
             pending = (handle, gram)  # the tensor stays referenced until its reduction is done
-        if j.owner == tp_rank:
-            j.gram = gram
+        if b.lead.owner == tp_rank:
+            b.gram = gram
     if pending is not None:
         pending[0].wait()
-    for j in jobs:  # 2
-        j.basis = torch.empty(j.n_unsharded, rank, dtype=torch.float64, device=j.weight.local.device)
+    for b in batches:  # 2
+        j = b.lead
+        b.basis = torch.empty(len(b.jobs), j.n_unsharded, rank, dtype=torch.float64, device=j.weight.local.device)
         if j.owner == tp_rank:
             lo, hi = _selection(j.n_unsharded, j.n_nonzero, rank, which)
-            vals, vecs = _eigh_range(j.gram, lo, hi)
-            j.basis.copy_(vecs.to(j.basis.device))
+            vals, vecs = _solve(b.gram, lo, hi)
+            b.basis.copy_(vecs.to(b.basis.device))
             # An upper bound of sigma_max^2 for the resolution floor: trace(G) for the minor
             # end (its top eigenvalue was not computed), the top eigenvalue otherwise.
-            j.top_sq = float(j.gram.diagonal().sum()) if which == "minor" else float(vals[-1])
-            j.gram = None
-            stats["eigensolves"] = stats.get("eigensolves", 0) + 1
+            b.top_sq = b.gram.diagonal(dim1=1, dim2=2).sum(-1) if which == "minor" else vals[:, -1].clone()
+            b.gram = None
+            stats["eigensolves"] = stats.get("eigensolves", 0) + len(b.jobs)
     if tp_size > 1:  # 3
-        for handle in [dist.broadcast(j.basis, src=src[j.index], group=group, async_op=True) for j in jobs]:
+        for handle in [dist.broadcast(b.basis, src=src[id(b)], group=group, async_op=True) for b in batches]:
             handle.wait()
-    for j in jobs:  # 4: Rayleigh-Ritz through a TSQR, so nothing is squared again
-        j.proj = j.x() @ j.basis  # (n_sharded_local, r): this rank's rows of (U Sigma)
-        r_local = torch.zeros(rank, rank, dtype=torch.float64, device=j.proj.device)
-        r_fact = torch.linalg.qr(j.proj, mode="r").R
-        r_local[: r_fact.shape[0]] = r_fact
+    for b in batches:  # 4: Rayleigh-Ritz through a TSQR, so nothing is squared again
+        b.proj = b.x() @ b.basis  # (B, n_sharded_local, r): this rank's rows of (U Sigma)
+        r_local = torch.zeros(len(b.jobs), rank, rank, dtype=torch.float64, device=b.proj.device)
+        r_fact = torch.linalg.qr(b.proj, mode="r").R
+        r_local[:, : r_fact.shape[1]] = r_fact
         if tp_size > 1:
-            j.stack = [torch.empty_like(r_local) for _ in range(tp_size)] if j.owner == tp_rank else None
-            dist.gather(r_local, j.stack, dst=src[j.index], group=group)
+            b.stack = [torch.empty_like(r_local) for _ in range(tp_size)] if b.lead.owner == tp_rank else None
+            dist.gather(r_local, b.stack, dst=src[id(b)], group=group)
         else:
-            j.stack = [r_local]
+            b.stack = [r_local]
     out = {}
-    for j in jobs:  # 5: the owner's small SVD gives the singular values of W V itself
-        packet = torch.empty(rank, rank + 1, dtype=torch.float64, device=j.proj.device)  # [rotation | sigma]
+    for b in batches:  # 5: the owner's small SVD gives the singular values of W V itself
+        j = b.lead
+        packet = torch.empty(len(b.jobs), rank, rank + 1, dtype=torch.float64, device=b.proj.device)  # [rot | sigma]
         if j.owner == tp_rank:
-            _, sigma, rot_h = torch.linalg.svd(torch.cat(j.stack), full_matrices=False)  # descending
-            rot = rot_h.t()
-            rot = rot * _sign_fix(j.basis @ rot)
-            floor = j.n_unsharded * _EPS64 * max(j.top_sq, 0.0) ** 0.5
-            packet[:, :rank] = rot
-            packet[:, rank] = torch.where(sigma <= floor, torch.zeros_like(sigma), sigma)
+            _, sigma, rot_h = torch.linalg.svd(torch.cat(b.stack, dim=1), full_matrices=False)  # descending
+            rot = rot_h.transpose(1, 2)
+            rot = rot * _sign_fix_batched(b.basis @ rot).unsqueeze(1)
+            floor = (j.n_unsharded * _EPS64 * b.top_sq.clamp(min=0.0).sqrt()).to(sigma.dtype).unsqueeze(1)
+            packet[:, :, :rank] = rot
+            packet[:, :, rank] = torch.where(sigma <= floor, torch.zeros_like(sigma), sigma)
         if tp_size > 1:
-            dist.broadcast(packet, src=src[j.index], group=group)
-        rot, sigma = packet[:, :rank], packet[:, rank]
-        degenerate = sigma == 0
-        unsharded_vecs = j.basis @ rot
-        derived = (j.proj @ rot) / torch.where(degenerate, 1.0, sigma)
-        derived[:, degenerate] = 0.0
-        if j.flip:
-            signs = _sign_fix(derived)
-            unsharded_vecs, derived = derived * signs, unsharded_vecs * signs
-        out[j.index] = _from_sides(j.weight.name, sigma, derived, unsharded_vecs, j.weight.shard_dim, degenerate)
-        j.proj = j.stack = j.basis = None
+            dist.broadcast(packet, src=src[id(b)], group=group)
+        rots, sigmas = packet[:, :, :rank], packet[:, :, rank]
+        unsharded_all = b.basis @ rots
+        derived_all = b.proj @ rots
+        for k, job in enumerate(b.jobs):
+            sigma = sigmas[k].clone()
+            degenerate = sigma == 0
+            unsharded_vecs = unsharded_all[k]
+            derived = derived_all[k] / torch.where(degenerate, 1.0, sigma)
+            derived[:, degenerate] = 0.0
+            if job.flip:
+                signs = _sign_fix(derived)
+                unsharded_vecs, derived = derived * signs, unsharded_vecs * signs
+            out[job.index] = _from_sides(job.weight.name, sigma, derived.contiguous(), unsharded_vecs.contiguous(),
+                                         job.weight.shard_dim, degenerate)
+        b.proj = b.stack = b.basis = None
     return out
 
 
@@ -292,6 +354,7 @@ def _extract_exact(w: ShardedWeight, rank: int, which: Which, group) -> Subspace
 
 
 GRAM_BUDGET_BYTES = 1 << 30  # float64 Grams an owner holds at once (a 4096^2 one is 128 MiB)
+BATCH_BYTES = 1 << 28  # float64 shards stacked into one batch (32 experts of 768 x 2048 at 12 MiB each)
 
 
 @torch.no_grad()

@@ -27,6 +27,9 @@ Units, in order:
   sdpa         the attention kernel the trainer's call actually gets (on Hopper with a recent
                cuDNN: cuDNN attention, not flash), named from the profiler, against the math
                kernel; each explicit backend and the packed (explicit-mask) path timed too
+  moe          one Qwen3-30B-A3B-shaped sparse layer (128 experts, 2048 -> 768, top-8): every
+               expert adapter's init batched against one by one, and a MiLoRA training step at
+               EP=1 against a dense layer of the same active parameters (benchmarks/bench_moe.py)
   init         subspace init at Llama-3-8B shapes (one layer's paper targets) against PEFT's
                fp32 SVD with the driver PEFT gets (the default), capped; precision vs float64
 
@@ -59,14 +62,14 @@ import torch  # noqa: E402
 
 from milora_megatron.mapping import PAPER_TARGETS  # noqa: E402
 
-SECTIONS = ("wheels", "throughput", "trainer", "logits", "branch", "sdpa", "init")
+SECTIONS = ("wheels", "throughput", "trainer", "logits", "branch", "sdpa", "moe", "init")
 LEGS = ("lora", "milora", "lora_full", "hf_peft")
 # units run together in one process (a unit: a section, or "throughput.<leg>"), in order
-GROUPS = [[f"throughput.{leg}"] for leg in LEGS] + [["trainer", "logits", "branch", "sdpa"], ["init"]]
+GROUPS = [[f"throughput.{leg}"] for leg in LEGS] + [["trainer", "logits", "branch", "sdpa"], ["moe"], ["init"]]
 # seconds each unit is expected to take on one H100/H200 (process start included): a unit
 # is not started when less of the budget is left
 ESTIMATE_S = {"throughput.lora": 100, "throughput.milora": 120, "throughput.lora_full": 100,
-              "throughput.hf_peft": 100, "trainer": 40, "logits": 20, "branch": 20, "sdpa": 25, "init": 100}
+              "throughput.hf_peft": 100, "trainer": 40, "logits": 20, "branch": 20, "sdpa": 25, "moe": 90, "init": 100}
 TINY_ESTIMATE_S = 5
 
 
@@ -417,6 +420,30 @@ def section_init(work: str, tiny: bool, emit) -> dict:
     return result
 
 
+def section_moe(work: str, tiny: bool, emit) -> dict:
+    """A Qwen3-30B-A3B-shaped sparse layer: the expert adapters' init (all at once, batched,
+    and one call per matrix; they must agree) and a training step against a dense layer of
+    the same active parameters (the real Trainer at EP=1, random weights)."""
+    import types
+
+    from bench_moe import QWEN3_30B_A3B, expert_weights, time_init, time_step
+
+    device = "cuda" if on_gpu() else "cpu"
+    shape = dict(QWEN3_30B_A3B, hidden=128, heads=4, kv_heads=2, head_dim=32, moe_ffn=48, experts=8, topk=2) \
+        if tiny else QWEN3_30B_A3B
+    rank = 8 if tiny else 32
+    init = time_init(expert_weights(shape["experts"], shape["hidden"], shape["moe_ffn"], device), rank, device)
+    result = {"device": device, "shape": shape, "rank": rank, "init": init, "ok": init["sigma_rel_diff"] <= 1e-6}
+    emit(dict(result))  # the init figures are kept if the step fails
+    args = types.SimpleNamespace(experts=shape["experts"], rank=rank, seq_len=64 if tiny else 2048,
+                                 global_batch=2 if tiny else 4, steps=1 if tiny else 3, warmup_steps=1)
+    rows = [time_step(sparse, args, shape) for sparse in (False, True)]
+    result.update(step={r["layer"]: {k: v for k, v in r.items() if k != "layer"} for r in rows},
+                  sparse_over_dense=rows[1]["step_s"] / rows[0]["step_s"], seq_len=args.seq_len,
+                  global_batch=args.global_batch)
+    return result
+
+
 # ---- throughput ---------------------------------------------------------------------------
 def _throughput_setup(tiny: bool):
     from bench_train_throughput import LLAMA3_8B, SMALL
@@ -561,7 +588,7 @@ def check_wheels(folder: str) -> dict:
 
 # ---- orchestration ------------------------------------------------------------------------
 RUNNERS = {"trainer": section_trainer, "logits": section_logits, "branch": section_branch, "sdpa": section_sdpa,
-           "init": section_init}
+           "moe": section_moe, "init": section_init}
 
 
 def run_units(units: list[str], results_path: str, work: str, tiny: bool, fail: str | None) -> None:
@@ -584,7 +611,9 @@ def run_units(units: list[str], results_path: str, work: str, tiny: bool, fail: 
             if unit.startswith("throughput."):
                 result = throughput_leg(unit.split(".", 1)[1], work, tiny)
             else:
-                result = RUNNERS[unit](work, tiny, lambda partial, u=unit: write(u, dict(partial, seconds=round(time.time() - t0, 1))))
+                # what a unit emits before it ends is partial: recorded only if its process dies
+                result = RUNNERS[unit](work, tiny, lambda partial, u=unit: write(u, dict(
+                    partial, partial=partial.get("partial", True), seconds=round(time.time() - t0, 1))))
         except Exception:
             result = {"ok": False, "error": traceback.format_exc()[-3000:]}
         result["seconds"] = round(time.time() - t0, 1)

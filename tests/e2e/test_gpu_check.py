@@ -25,7 +25,7 @@ def test_gpu_check_runs_at_tiny_size_and_a_dead_leg_loses_nothing(tmp_path):
     run, report = _run(tmp_path, "--fail", "throughput.milora")
     sections = report["sections"]
     assert run.returncode == 1, run.stdout[-3000:]  # the dead leg makes the run not ok
-    assert list(sections) == ["wheels", "throughput", "trainer", "logits", "branch", "sdpa", "init"]
+    assert list(sections) == ["wheels", "throughput", "trainer", "logits", "branch", "sdpa", "moe", "init"]
     legs = sections["throughput"]["legs"]
     assert list(legs) == ["lora", "milora", "lora_full", "hf_peft"]
     assert "process died (exit code 3)" in legs["milora"]["error"] and "injected failure" in legs["milora"]["error"]
@@ -44,6 +44,10 @@ def test_gpu_check_runs_at_tiny_size_and_a_dead_leg_loses_nothing(tmp_path):
     sdpa = sections["sdpa"]
     assert sdpa["trainer_call"]["kernels"] and sdpa["trainer_call"]["rel_diff_vs_math"] <= 1e-5
     assert sections["init"]["svd_driver"].startswith("default")
+    assert sections["init"]["precision"]  # the final result, not the partial one emitted before it
+    moe = sections["moe"]
+    assert moe["init"]["matrices"] == 8 * 3 and moe["init"]["sigma_rel_diff"] <= 1e-6
+    assert len(moe["step"]) == 2 and moe["sparse_over_dense"] > 0
     log = (tmp_path / "gpu_check.log").read_text()
     assert "gpu check on CPU" in log and "throughput.milora: FAILED" in log
 
