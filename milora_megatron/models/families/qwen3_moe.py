@@ -1,13 +1,13 @@
 """Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B)."""
 
 from ...mapping.experts import ExpertNames
-from .base import Family, TINY, expect, register
-from .qwen2 import full_attention_only
+from .base import TINY, register
+from .qwen3 import Qwen3
 
 
 @register
-class Qwen3Moe(Family):
-    """Qwen3's attention (q/k norms, explicit head_dim) over a sparse MLP: ``num_experts``
+class Qwen3Moe(Qwen3):
+    """Qwen3's attention (q/k norms, explicit head_dim; its checks) over a sparse MLP: ``num_experts``
     experts of ``moe_intermediate_size``, top-``num_experts_per_tok`` routing (renormalised
     with ``norm_topk_prob``), sparse every ``decoder_sparse_step`` layers except
     ``mlp_only_layers``, which keep a dense MLP of ``intermediate_size``. The config is read
@@ -17,17 +17,11 @@ class Qwen3Moe(Family):
     architectures = ("Qwen3MoeForCausalLM",)
     model_type = "qwen3_moe"
     mixture_of_experts = True
-    qk_norm = True
-
-    def check(self, cfg: dict) -> None:
-        expect(cfg, self.name, hidden_act="silu", attention_bias=False, mlp_bias=False)
-        full_attention_only(cfg, self.name)
 
     def read(self, cfg: dict) -> dict:
         from transformers import Qwen3MoeConfig
 
-        self.check(cfg)
-        fields = super().read(cfg)
+        fields = super().read(cfg)  # with Qwen3's check: q/k norms, no biases, full attention
         text = Qwen3MoeConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")})
         experts = text.num_experts
         dense = tuple(i for i in range(text.num_hidden_layers)
