@@ -59,10 +59,12 @@ def check_hf_tensors(hf: HFFolder, shape: DecoderShape) -> None:
 
 
 def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str | None = None,
-                           overwrite: bool = False, progress: bool = True, revision: str | None = None) -> str:
+                           overwrite: bool = False, progress: bool = True, revision: str | None = None,
+                           ep: int = 1) -> str:
     """Write a base checkpoint at ``out`` (atomically). ``hf_dir``: a local folder or a Hub id
     (``revision``: a branch, tag or commit; the commit it resolved to is recorded). ``dtype``
-    None keeps each tensor's own."""
+    None keeps each tensor's own. ``tp``/``pp``/``ep`` are validated against the model and
+    recorded as its default layout; the files fit any (experts are stored by global index)."""
     if dtype is not None and dtype not in fmt.DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(fmt.DTYPES)} or None (the source's), got {dtype!r}")
     hf_dir, hub_record = hub.resolve(hf_dir, revision)
@@ -72,7 +74,7 @@ def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtyp
         print(f"{hf.wrapper.architecture}: reading its language model only, as {hf.config['architectures'][0]}; "
               f"the other {len(hf.left_out)} tensors (vision tower, projector) are left out, and exports are "
               "the text model", file=sys.stderr)
-    shape.check_parallel(tp, pp)
+    shape.check_parallel(tp, pp, ep)
     check_hf_tensors(hf, shape)
     check_output(out, overwrite)
 
@@ -82,7 +84,7 @@ def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtyp
         shards[shard] = {"sha256": sha256_file(full), "bytes": os.path.getsize(full)}
 
     try:
-        _write_checkpoint(hf, shape, out, overwrite, tp, pp, dtype, shards, hub_record, progress)
+        _write_checkpoint(hf, shape, out, overwrite, (tp, pp, ep), dtype, shards, hub_record, progress)
     except BaseException as exc:
         # a full disk anywhere in the write (atomic_directory's own folder and rename
         # included): one DiskFullError naming the output; an existing one is untouched
@@ -90,12 +92,13 @@ def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtyp
         if translated is exc:
             raise
         raise translated from exc
-    log.info("wrote base checkpoint %s (%d layers, default TP=%d PP=%d)", out, shape.layers, tp, pp)
+    log.info("wrote base checkpoint %s (%d layers, default TP=%d PP=%d EP=%d)", out, shape.layers, tp, pp, ep)
     return os.path.abspath(out)
 
 
-def _write_checkpoint(hf: HFFolder, shape: DecoderShape, out: str, overwrite: bool, tp: int, pp: int,
+def _write_checkpoint(hf: HFFolder, shape: DecoderShape, out: str, overwrite: bool, layout: tuple[int, int, int],
                       dtype: str | None, shards: dict, hub_record: dict | None, progress: bool) -> None:
+    tp, pp, ep = layout
     target = fmt.DTYPES[dtype] if dtype else None
     files, weight_map = {}, {}
 
@@ -134,7 +137,8 @@ def _write_checkpoint(hf: HFFolder, shape: DecoderShape, out: str, overwrite: bo
         manifest = {
             "format": fmt.FORMAT, "version": fmt.VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "dtype": dtype or "source", "parallel": {"tp": tp, "pp": pp}, "hf_config": hf.config,
+            "dtype": dtype or "source", "parallel": {"tp": tp, "pp": pp, **({"ep": ep} if shape.experts else {})},
+            "hf_config": hf.config,
             "padded_vocab_multiple": "128 x TP (applied when a model is built; files hold the real vocabulary)",
             "source": {"hf_dir": hf.path, "shards": shards, **({"hub": hub_record} if hub_record else {}),
                        **({"wrapper": {"architecture": hf.wrapper.architecture, "left_out": len(hf.left_out),

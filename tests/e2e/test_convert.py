@@ -15,6 +15,7 @@ import torch
 from hf_tiny import FAMILIES, make_hf_model
 from safetensors.torch import load_file
 
+from milora_megatron.checkpoint.base import BaseCheckpoint
 from milora_megatron.convert.exporter import export_merged
 from milora_megatron.convert.importer import convert_hf_to_megatron
 from milora_megatron.errors import CheckpointError, ConfigError, DiskFullError, MissingPathError, OutputError
@@ -47,8 +48,12 @@ def hf_dirs(tmp_path_factory):
 @pytest.mark.parametrize("key,dtype", [("untied_bf16", None), ("tied_fp32", None), ("untied_bf16", "fp32"),
                                        *((family, None) for family in FAMILIES if family != "llama")])
 def test_round_trip_is_bit_identical(hf_dirs, tmp_path, key, dtype):
+    """Every family (the MoE ones' experts one tensor each, both ways, validated for EP=2)."""
     _, dirs = hf_dirs
-    ckpt = convert_hf_to_megatron(dirs[key], str(tmp_path / "ckpt"), tp=2, pp=2, dtype=dtype, progress=False)
+    ep = 2 if key in ("qwen3_moe", "mixtral") else 1
+    ckpt = convert_hf_to_megatron(dirs[key], str(tmp_path / "ckpt"), tp=2, pp=2, dtype=dtype, progress=False, ep=ep)
+    if ep > 1:
+        assert BaseCheckpoint(ckpt).manifest["parallel"] == {"tp": 2, "pp": 2, "ep": 2}
     out = export_merged(ckpt, str(tmp_path / "hf"), max_shard_bytes=60_000, progress=False)
     src, back = _all_tensors(dirs[key]), _all_tensors(out)
     assert set(src) == set(back)
@@ -236,6 +241,11 @@ def test_cli_help_and_exit_codes(hf_dirs, tmp_path):
                           "--hf-dir", dirs["untied_bf16"], "--out", str(tmp_path / "x"), "--tp", "3", "--quiet"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "does not divide the 4 attention heads" in bad.stderr
+    bad_ep = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert", "hf_to_megatron.py"),
+                             "--hf-dir", dirs["mixtral"], "--out", str(tmp_path / "x"), "--ep", "3", "--quiet"],
+                            capture_output=True, text=True)
+    assert bad_ep.returncode == 2 and "EP size 3 does not divide the 4 experts" in bad_ep.stderr
+    assert not (tmp_path / "x").exists()
     ok = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert", "hf_to_megatron.py"),
                          "--hf-dir", dirs["untied_bf16"], "--out", str(tmp_path / "ck"), "--tp", "2", "--pp", "2"],
                         capture_output=True, text=True)

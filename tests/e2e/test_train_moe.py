@@ -51,8 +51,9 @@ def _same_adapter(a: str, b: str) -> None:
 
 def test_expert_parallel_training_equals_one_process(moe_runs, tmp_path):
     """EP=2 (each rank two experts of every sparse layer, the expert adapters' gradients
-    summed over their own replicas only) and TP=2 x EP=2 with SP (each expert's linears and
-    adapters split over two expert-TP ranks): the losses and the trained adapter of EP=1."""
+    summed over their own replicas only), TP=2 x EP=2 with SP (each expert's linears and
+    adapters split over two expert-TP ranks), PP=2 x EP=2, and TP=2 with SP and expert-TP 1:
+    the losses (and adapter) of EP=1."""
     root, ckpt, extra = moe_runs
     expected = last_losses(root / "ep1")
     assert expected[4] < expected[1]
@@ -73,6 +74,11 @@ def test_expert_parallel_training_equals_one_process(moe_runs, tmp_path):
     assert {k: recorded[k] for k in ("tp", "ep", "etp")} == {"tp": 2, "ep": 2, "etp": 2}
     run(4, common(root, ckpt, tmp_path / "pp2ep2", **{"parallel.tp": 1, "parallel.pp": 2, "parallel.ep": 2, **extra}))
     assert _rel(last_losses(tmp_path / "pp2ep2"), expected) <= REL
+    # experts whole on both TP ranks (expert-TP 1): the two are expert-data-parallel replicas
+    # that routed different sequence chunks, their expert gradients summed over that group
+    run(2, common(root, ckpt, tmp_path / "tp2etp1", **{"parallel.tp": 2, "parallel.sp": "true", "parallel.etp": 1,
+                                                        **extra}))
+    assert _rel(last_losses(tmp_path / "tp2etp1"), expected) <= REL
 
 
 @pytest.mark.parametrize("saved_ep,resumed_ep", [(2, 1), (1, 2)])
