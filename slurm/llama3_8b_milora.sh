@@ -15,9 +15,11 @@
 #   3. tools/convert/megatron_to_hf.py  -> OUTPUT_DIR/hf_merged and OUTPUT_DIR/peft_adapter
 #
 # Environment (defaults): HF_MODEL (required), DATA (required), OUTPUT_DIR (./runs/llama3_8b_milora),
-# TP (1), PP (1), SP (the config's; true makes sense with TP > 1), CONFIG
+# TP (1), PP (1), SP (the config's; true makes sense with TP > 1, and a mixture-of-experts model
+# needs it there), EP (1; a mixture-of-experts model: experts over EP ranks, carved out of
+# DP x TP), ETP (TP; each expert split over this many ranks), CONFIG
 # (configs/llama3_8b_milora.yaml), GPUS_PER_NODE (the GPUs Slurm allocated on the node,
-# SLURM_GPUS_ON_NODE; 0 = CPU + gloo with TP x PP processes per node), EXTRA_ARGS (extra
+# SLURM_GPUS_ON_NODE; 0 = CPU + gloo with TP x PP x EP processes per node), EXTRA_ARGS (extra
 # key=value overrides for the trainer).
 #
 # Layout: every GPU of every node is a data-parallel rank by default (TP=1 x DP=GPUs). A frozen
@@ -51,12 +53,13 @@ DATA="${DATA:?set DATA to the training file (jsonl/json/parquet or a save_to_dis
 OUTPUT_DIR="${OUTPUT_DIR:-$REPO/runs/llama3_8b_milora}"
 TP="${TP:-1}"
 PP="${PP:-1}"
+EP="${EP:-1}"
 CONFIG="${CONFIG:-$REPO/configs/llama3_8b_milora.yaml}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}"  # one process per allocated GPU
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 
 NNODES="${SLURM_JOB_NUM_NODES:-1}"
-NPROC=$(( GPUS_PER_NODE > 0 ? GPUS_PER_NODE : TP * PP ))
+NPROC=$(( GPUS_PER_NODE > 0 ? GPUS_PER_NODE : TP * PP * EP ))
 # Since Slurm 22.05 srun no longer inherits the job's --cpus-per-task: pass it on explicitly,
 # or the trainer step would get one CPU.
 [ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
@@ -69,11 +72,11 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 DEVICE=cuda
 if [ "$GPUS_PER_NODE" -eq 0 ]; then DEVICE=cpu; export CUDA_VISIBLE_DEVICES=""; fi
 
-echo "[$(date)] job ${SLURM_JOB_ID:-none} nodes=$NNODES procs/node=$NPROC device=$DEVICE TP=$TP PP=$PP out=$OUTPUT_DIR"
+echo "[$(date)] job ${SLURM_JOB_ID:-none} nodes=$NNODES procs/node=$NPROC device=$DEVICE TP=$TP PP=$PP EP=$EP out=$OUTPUT_DIR"
 
 # 1. convert (once)
 if [ ! -f "$CKPT/milora_base.json" ]; then
-  "$PYTHON" "$REPO/tools/convert/hf_to_megatron.py" --hf-dir "$HF_MODEL" --out "$CKPT" --tp "$TP" --pp "$PP" --overwrite
+  "$PYTHON" "$REPO/tools/convert/hf_to_megatron.py" --hf-dir "$HF_MODEL" --out "$CKPT" --tp "$TP" --pp "$PP" --ep "$EP" --overwrite
 fi
 
 # 2. train. A USR1/TERM that reaches this batch shell (--signal=B:..., scancel --batch) is
@@ -92,7 +95,7 @@ srun --kill-on-bad-exit=1 "$PYTHON" "$REPO/launch/torchrun_usr1.py" \
   --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$PORT" --rdzv_id "${SLURM_JOB_ID:-local}" \
   "$REPO/launch/pretrain_milora.py" --config "$CONFIG" \
   model.load="$CKPT" model.device="$DEVICE" data.train="$DATA" output.dir="$RUN" parallel.tp="$TP" parallel.pp="$PP" \
-  ${SP:+parallel.sp="$SP"} $EXTRA_ARGS &
+  parallel.ep="$EP" ${ETP:+parallel.etp="$ETP"} ${SP:+parallel.sp="$SP"} $EXTRA_ARGS &
 TRAIN_PID=$!
 set +e
 wait $TRAIN_PID; rc=$?
