@@ -75,3 +75,46 @@ def test_milora_init_at_tp2_equals_float64_svd_for_every_family(tmp_path):
             assert err <= 1e-5, (case, module, err)
             sv = torch.linalg.svdvals(ba)[:RANK]
             assert torch.allclose(sv, s[-RANK:], rtol=1e-5), (case, module)
+
+
+def _all_methods(ckpt):
+    from megatron.core import parallel_state as ps
+
+    from milora_megatron.adapters import AdapterConfig
+    from milora_megatron.adapters.apply import apply_adapters
+    from milora_megatron.checkpoint.adapters import gather_factors
+    from milora_megatron.checkpoint.base import BaseCheckpoint
+    from milora_megatron.models.decoder import build_gpt, transformer_config
+
+    base = BaseCheckpoint(ckpt)
+    out = {}
+    for method in ("lora", "pissa", "milora", "mica"):
+        model = build_gpt(base.shape, transformer_config(base.shape, ep=ps.get_expert_model_parallel_world_size(),
+                                                         perform_initialization=False))
+        base.load_into(model)
+        found = apply_adapters(model, AdapterConfig(method=method, rank=RANK, dropout=0.0,
+                                                    targets=["gate_proj", "up_proj", "down_proj"],
+                                                    moe_targets="experts"),
+                               tp_group=ps.get_tensor_model_parallel_group(), dp_group=ps.get_data_parallel_group())
+        out[method] = gather_factors(found)
+    return out
+
+
+def test_every_method_initialises_experts_the_same_at_ep2_as_in_one_process(tmp_path):
+    """LoRA, PiSSA, MiLoRA and MiCA on the experts only (``peft.moe_targets=experts``): the
+    factors each EP=2 rank computes for its own experts are the one-process factors."""
+    from milora_megatron.convert.importer import convert_hf_to_megatron
+
+    make_hf_model(str(tmp_path / "hf"), seed=12, family="mixtral", layers=2, max_shard_size="50MB")
+    ckpt = convert_hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "ckpt"), progress=False)
+    (single,) = run_distributed(_all_methods, 1, ckpt=ckpt)
+    split = {m: {} for m in single}
+    for rank_result in run_distributed(_all_methods, 2, ep=2, ckpt=ckpt):
+        for method, factors in rank_result.items():
+            split[method].update(factors)
+    for method, factors in single.items():
+        assert all(".block_sparse_moe.experts." in k for k in factors)  # attention untouched
+        assert len(factors) == 2 * 4 * 3 * (4 if method in ("pissa", "milora") else 2)  # layers x experts x proj
+        assert set(split[method]) == set(factors), method
+        for key, tensor in factors.items():
+            assert (split[method][key] - tensor).abs().max() <= 1e-6 * max(tensor.abs().max(), 1.0), (method, key)

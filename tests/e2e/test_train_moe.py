@@ -9,6 +9,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from trainer_runs import TORCHRUN_WRAPPER, common, last_losses, losses, make_inputs, records, run
 
 from milora_megatron.checkpoint.adapters import AdapterCheckpoint
@@ -108,3 +109,29 @@ def test_a_bad_expert_parallel_size_is_one_line(moe_runs, tmp_path):
     assert len(ours) == 1 and "EP size 3 does not divide the 4 experts" in ours[0], text[-2000:]
     assert "Traceback" not in text and "subspaces" not in text
     assert not (tmp_path / "ep3" / "checkpoints").exists()
+
+
+def test_the_ep2_runs_exports_equal_peft_merge(moe_runs, tmp_path):
+    """The EP=2 run's adapter (every EP rank's own experts' file): the merged export equals
+    PEFT's merge of its fused adapter onto the original transformers model, weights and
+    logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from milora_megatron.convert.exporter import export_merged, export_peft
+
+    root, _, _ = moe_runs
+    merged_dir = export_merged(str(root / "ep2"), str(tmp_path / "merged"), progress=False)
+    peft_dir = export_peft(str(root / "ep2"), str(tmp_path / "peft"))
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(root / "hf")), peft_dir).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    tokens = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (peft(tokens).logits - merged(tokens).logits).abs().max() <= 1e-4
+        reference = peft.merge_and_unload().state_dict()
+    ours = merged.state_dict()
+    assert set(reference) == set(ours)
+    original = AutoModelForCausalLM.from_pretrained(str(root / "hf")).state_dict()
+    assert any((ours[k] - original[k]).abs().max() > 0 for k in ours if ".mlp.experts." in k)  # experts trained
+    for name, tensor in reference.items():
+        assert (ours[name] - tensor).abs().max() <= 1e-5, name
