@@ -68,15 +68,18 @@ def find_targets(model_chunks, cfg: AdapterConfig, tp_size: int) -> list[Adapted
     both)."""
     found = []
     for chunk in model_chunks:
-        names = getattr(getattr(chunk, "decoder_shape", None), "expert_names", ExpertNames())
+        shape = getattr(chunk, "decoder_shape", None)
+        if cfg.moe_targets != "all" and not getattr(shape, "experts", 0):
+            raise ConfigError(f"peft.moe_targets={cfg.moe_targets!r} is for mixture-of-experts models and this model "
+                              "is dense: leave it at 'all'")
+        names = getattr(shape, "expert_names", ExpertNames())
         for layer in _transformer_layers([chunk]):
             found += _layer_targets(layer, cfg, tp_size, names)
+    if not found and cfg.moe_targets != "all":
+        raise ConfigError(f"peft.targets {cfg.targets} with peft.moe_targets={cfg.moe_targets!r} select no linear of "
+                          "this pipeline stage's layers")
     if not found:
-        if any(hasattr(layer.mlp, "experts") for layer in _transformer_layers(model_chunks)) or \
-                cfg.moe_targets == "all":
-            raise ValueError("no target projections found in the model (is this a megatron GPTModel stage?)")
-        raise ConfigError(f"peft.moe_targets={cfg.moe_targets!r} adapts only the MLPs of a mixture-of-experts model, "
-                          f"and peft.targets {cfg.targets} leaves nothing else: this model has no experts")
+        raise ValueError("no target projections found in the model (is this a megatron GPTModel stage?)")
     return found
 
 

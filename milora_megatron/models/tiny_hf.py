@@ -16,9 +16,8 @@ from .families.llama import LLAMA3_ROPE  # noqa: F401
 ROUTER_SCALE = 4.0  # see make_hf_model
 # every registered family, Llama (the reference) first
 FAMILIES = tuple(sorted((f.name for f in registered()), key=lambda name: name != "llama"))
-# the dense ones (no experts): where a path does not take mixture-of-experts models yet
-DENSE_FAMILIES = tuple(f.name for f in sorted(registered(), key=lambda f: FAMILIES.index(f.name))
-                       if not f.mixture_of_experts)
+# the mixture-of-experts ones, for the tests that also run them at expert-parallel layouts
+MOE_FAMILIES = tuple(f for f in FAMILIES if any(r.name == f and r.mixture_of_experts for r in registered()))
 
 
 def family_config(family: str, tied: bool | None = None, **shape):

@@ -201,6 +201,9 @@ class Trainer:
         shape = self.base.shape
         shape.check_seq_len(t.seq_len)
         shape.check_parallel(g.tp_size, g.pp_size, g.ep_size, cfg.parallel.etp)
+        if cfg.peft.moe_targets != "all" and not shape.experts:
+            raise ConfigError(f"peft.moe_targets={cfg.peft.moe_targets!r} is for mixture-of-experts models and this "
+                              f"{shape.family} model is dense: leave it at 'all'")
         if shape.experts and g.tp_size > 1 and not cfg.parallel.sp:
             raise ConfigError(f"a mixture-of-experts model at parallel.tp={g.tp_size} trains with sequence parallelism "
                               "only (megatron's MoE layer refuses otherwise): set parallel.sp=true")

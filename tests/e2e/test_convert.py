@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from hf_tiny import FAMILIES, make_hf_model
+from hf_tiny import FAMILIES, MOE_FAMILIES, make_hf_model
 from safetensors.torch import load_file
 
 from milora_megatron.checkpoint.base import BaseCheckpoint
@@ -50,7 +50,7 @@ def hf_dirs(tmp_path_factory):
 def test_round_trip_is_bit_identical(hf_dirs, tmp_path, key, dtype):
     """Every family (the MoE ones' experts one tensor each, both ways, validated for EP=2)."""
     _, dirs = hf_dirs
-    ep = 2 if key in ("qwen3_moe", "mixtral") else 1
+    ep = 2 if key in MOE_FAMILIES else 1
     ckpt = convert_hf_to_megatron(dirs[key], str(tmp_path / "ckpt"), tp=2, pp=2, dtype=dtype, progress=False, ep=ep)
     if ep > 1:
         assert BaseCheckpoint(ckpt).manifest["parallel"] == {"tp": 2, "pp": 2, "ep": 2}

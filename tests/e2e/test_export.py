@@ -8,7 +8,7 @@ import pytest
 import torch
 from damage import flip
 from distributed import run_distributed
-from hf_tiny import FAMILIES, make_hf_model
+from hf_tiny import FAMILIES, MOE_FAMILIES, make_hf_model
 
 CASES = [("lora", "branch"), ("pissa", "branch"), ("milora", "branch"), ("mica", "branch"), ("milora", "merge")]
 TOL = 1e-4
@@ -140,7 +140,7 @@ def test_families_export_equals_peft_merge(families_trained, family):
         written = set(f.keys())
     loaded = {n.replace(".default", "") for n, _ in peft.named_parameters() if ".lora_" in n}
     assert loaded == written, sorted(loaded ^ written)[:6]
-    if family in ("qwen3_moe", "mixtral"):
+    if family in MOE_FAMILIES:
         assert any(".mlp.experts.base_layer.lora_A" in n for n in written)  # gate_up_proj inside down_proj
     else:
         adapted = {n.split(".lora_A.")[0] for n in written if ".lora_A." in n}
@@ -160,7 +160,7 @@ def test_families_export_equals_peft_merge(families_trained, family):
         assert (ours[name] - tensor).abs().max() <= 1e-5, name
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_moe_per_expert_adapter_holds_each_experts_update(families_trained, family):
     """--expert-form per-expert: every expert's gate/up/down (Mixtral's w1/w3/w2) under its
     on-disk name, one rank and alpha for every module, and s B' A' of each module is exactly
@@ -168,19 +168,20 @@ def test_moe_per_expert_adapter_holds_each_experts_update(families_trained, fami
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from milora_megatron.checkpoint.base import BaseCheckpoint
     from milora_megatron.convert.exporter import export_peft
 
     root, _, _ = families_trained
     run = str(root / family / "runs" / "milora_branch")
+    shape = BaseCheckpoint(str(root / family / "ckpt")).shape
     peft_dir = export_peft(run, str(root / family / "peft_per_expert"), expert_form="per-expert")
     with open(os.path.join(peft_dir, "adapter_config.json")) as f:
         config = json.load(f)
     assert config["rank_pattern"] == {} and config["alpha_pattern"] == {} and config["r"] == 8
-    names = ("w1", "w2", "w3") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-    assert set(names) <= set(config["target_modules"])
+    names = shape.expert_names  # Mixtral's w1/w3/w2 under block_sparse_moe, Qwen3-MoE's own names under mlp
+    assert set(names.projections.values()) <= set(config["target_modules"])
     tensors = load_file(os.path.join(peft_dir, "adapter_model.safetensors"))
-    block = "block_sparse_moe" if family == "mixtral" else "mlp"
-    assert f"base_model.model.model.layers.1.{block}.experts.3.{names[0]}.lora_A.weight" in tensors
+    assert f"base_model.model.model.layers.1.{names.expert_module(3, 'gate_proj')}.lora_A.weight" in tensors
     original, merged = {}, {}
     _merged(root, family)
     for folder, into in ((root / family / "hf", original), (root / family / "merged", merged)):
@@ -195,7 +196,7 @@ def test_moe_per_expert_adapter_holds_each_experts_update(families_trained, fami
         b = tensors[f"base_model.model.{module}.lora_B.weight"].double()
         delta = merged[f"{module}.weight"].double() - original[f"{module}.weight"].double()
         assert (scaling * b @ a - delta).abs().max() <= 1e-5, module
-    if family == "mixtral":  # no dense MLP layer: PEFT's own v4 -> v5 conversion loads this form exactly
+    if not shape.has_dense_mlp:  # Mixtral: PEFT's own v4 -> v5 conversion loads this form exactly
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from milora_megatron.models.tiny_hf import DENSE_FAMILIES, FAMILIES, LLAMA3_ROPE, TINY, hf_config, make_hf_model, make_tokenizer  # noqa: F401
+from milora_megatron.models.tiny_hf import FAMILIES, LLAMA3_ROPE, MOE_FAMILIES, TINY, hf_config, make_hf_model, make_tokenizer  # noqa: F401
 
 
 def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 import pytest
 
 from milora_megatron.adapters import AdapterConfig
+from milora_megatron.errors import ConfigError
 
 
 def test_unknown_method_lists_the_methods():
@@ -27,3 +28,17 @@ def test_alpha_defaults_to_rank():
     assert cfg.alpha == 16 and cfg.scaling == 1.0
 
 
+
+
+def test_moe_targets_are_checked_and_refused_on_a_dense_model():
+    import torch
+
+    from milora_megatron.adapters.apply import find_targets
+    from milora_megatron.models.decoder import DecoderShape
+
+    with pytest.raises(ConfigError, match="peft.moe_targets must be 'all', 'dense' or 'experts'"):
+        AdapterConfig(moe_targets="routers")
+    chunk = torch.nn.Module()
+    chunk.decoder_shape = DecoderShape()  # a dense model
+    with pytest.raises(ConfigError, match="peft.moe_targets='experts' is for mixture-of-experts models"):
+        find_targets([chunk], AdapterConfig(moe_targets="experts"), tp_size=1)
