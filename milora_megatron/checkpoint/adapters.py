@@ -97,6 +97,12 @@ def shard_group(target, tp_group):
     return target.module.tp_group if getattr(target, "is_expert", False) else tp_group
 
 
+def shard_position(target, tp_rank: int, tp_size: int) -> tuple[int, int]:
+    """This rank's (rank, size) in the group a target's factors are split over."""
+    group = shard_group(target, None)
+    return (group.rank(), group.size()) if group is not None else (tp_rank, tp_size)
+
+
 def gather_factors(targets, tp_group=None) -> dict[str, torch.Tensor]:
     """Full float32 factors of this stage's targets on the CPU, keyed ``<hf module>.<factor>``
     (collective over TP, an expert's over its expert-TP group: gathered on the model's
@@ -122,9 +128,7 @@ def scatter_factors(targets, tensors: dict[str, torch.Tensor], tp_rank: int = 0,
     """Load full factors (from ``gather_factors``) into this rank's shards (an expert's: its
     expert-TP rank's)."""
     for t in targets:
-        group = shard_group(t, None) if getattr(t, "is_expert", False) else None
-        rank, size = (group.rank(), group.size()) if group is not None else (tp_rank, tp_size)
-        _scatter_target(t, tensors, rank, size)
+        _scatter_target(t, tensors, *shard_position(t, tp_rank, tp_size))
 
 
 def _scatter_target(target, tensors, tp_rank: int, tp_size: int) -> None:

@@ -63,16 +63,15 @@ def fused_form(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int,
             dense_params.add(f"mlp.{leaf}.weight")
         else:
             dense_targets.add(leaf)
-    params, gate_up_rank = [], 0
+    params, gate_up_rank = set(), 0
     for layer, projections in sorted(sparse.items()):
-        wanted = [p for p in (GATE_UP, DOWN) if (p == DOWN and DOWN in projections)
-                  or (p == GATE_UP and projections.keys() & {"gate_proj", "up_proj"})]
-        for param in wanted:
-            if param not in params:
-                params.append(param)
+        # the fused parameters this layer's targets adapt: gate_up_proj for gate/up, down_proj for down
+        wanted = ([GATE_UP] if projections.keys() & {"gate_proj", "up_proj"} else []) + \
+                 ([DOWN] if "down_proj" in projections else [])
+        params.update(wanted)
         nested = len(wanted) == 2
         for param in wanted:
-            a, b = (_stack_gate_up(projections, experts, ffn, rank) if param == GATE_UP
+            a, b = (_stack_gate_up(projections, experts, ffn) if param == GATE_UP
                     else _stack(projections["down_proj"], experts))
             if param == GATE_UP:
                 gate_up_rank = a.shape[0] // experts
@@ -98,7 +97,7 @@ def _stack(per_expert: dict[int, tuple[torch.Tensor, torch.Tensor]], experts: in
     return a, b.reshape(b.shape[0], -1)  # column k * experts + e
 
 
-def _stack_gate_up(projections: dict, experts: int, ffn: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _stack_gate_up(projections: dict, experts: int, ffn: int) -> tuple[torch.Tensor, torch.Tensor]:
     """gate_up_proj's per-expert factors: gate's and up's A stacked, their B block-diagonal
     (gate's into the first ``ffn`` rows, up's into the rest); an untargeted one contributes
     nothing."""

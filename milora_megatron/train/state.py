@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import torch
 
-from ..checkpoint.adapters import CHECKPOINTS, LATEST, AdapterCheckpoint, shard_group
+from ..checkpoint.adapters import CHECKPOINTS, LATEST, AdapterCheckpoint, shard_group, shard_position
 from ..device import on_gpu
 from ..errors import CheckpointError
 
@@ -154,10 +154,9 @@ def install_moments(targets, optimizer, moments: dict, adam_step: int, tp_rank: 
     index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     state = {}
     for t in targets:
-        group = shard_group(t, None) if getattr(t, "is_expert", False) else None
-        rank, size = (group.rank(), group.size()) if group is not None else (tp_rank, tp_size)
         for key, param, dim in trained_factors([t]):
-            state[index[id(param)]] = _moments_entry(key, param, dim, moments, adam_step, rank, size)
+            state[index[id(param)]] = _moments_entry(key, param, dim, moments, adam_step,
+                                                     *shard_position(t, tp_rank, tp_size))
     saved = optimizer.state_dict()
     saved["state"] = state
     optimizer.load_state_dict(saved)
