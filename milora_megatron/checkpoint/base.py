@@ -151,10 +151,10 @@ class BaseCheckpoint:
                 if ".adapters." in name:
                     continue
                 global_name = self._global_name(name, local_to_global)
-                shard = (tp_rank, tp_size)
-                if expert_of(name) is not None:
+                shard, expert = (tp_rank, tp_size), expert_of(name)
+                if expert is not None:
                     offset, shard = experts[name.split(".local_experts.")[0]]
-                    global_name = with_expert(global_name, offset + expert_of(name)[0])
+                    global_name = with_expert(global_name, offset + expert[0])
                 file = self.weight_map.get(global_name)
                 if file is None:
                     raise CheckpointError(f"base checkpoint {self.path} has no tensor for parameter {name} ({global_name})")
@@ -204,6 +204,6 @@ def _expert_placement(model) -> dict[str, tuple[int, tuple[int, int]]]:
         if hasattr(module, "local_experts") and hasattr(module, "ep_group"):
             ep_rank = module.ep_group.rank() if module.ep_group is not None else 0
             etp = module.tp_group
-            out[f"{prefix}"] = (ep_rank * module.num_local_experts,
+            out[prefix] = (ep_rank * module.num_local_experts,
                                 (etp.rank(), etp.size()) if etp is not None else (0, 1))
     return out

@@ -111,9 +111,11 @@ class DecoderShape:
 
     def check_parallel(self, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> None:
         """``ep``/``etp``: expert-parallel and expert-tensor-parallel sizes (``etp`` None: ``tp``)."""
-        for n, what in ((self.heads, "attention heads"), (self.kv_heads, "KV heads (query groups)"),
-                        (self.ffn, "FFN size (intermediate_size)")):
-            if n % tp and not (what.startswith("FFN") and not self.has_dense_mlp):
+        sizes = [(self.heads, "attention heads"), (self.kv_heads, "KV heads (query groups)")]
+        if self.has_dense_mlp:  # an all-sparse model (Mixtral) has no dense FFN to split
+            sizes.append((self.ffn, "FFN size (intermediate_size)"))
+        for n, what in sizes:
+            if n % tp:
                 raise ConfigError(f"TP size {tp} does not divide the {n} {what}")
         if self.layers % pp:
             raise ConfigError(f"PP size {pp} does not divide the {self.layers} layers")
