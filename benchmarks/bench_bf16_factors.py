@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 from milora_megatron.models.decoder import DecoderShape  # noqa: E402
 from milora_megatron.train.config import load_config  # noqa: E402
-from milora_megatron.train.loop import Data, Trainer, setup  # noqa: E402
+from milora_megatron.train.inputs import Data  # noqa: E402
+from milora_megatron.train.loop import Trainer, setup  # noqa: E402
 from milora_megatron.train.synthetic import RandomBase, random_tokens  # noqa: E402
 
 MODES = ("fp32", "bf16", "bf16-factors")

@@ -75,7 +75,8 @@ def time_step(sparse: bool, args, s: dict = QWEN3_30B_A3B) -> dict:
 
     from milora_megatron.models.decoder import DecoderShape
     from milora_megatron.train.config import load_config
-    from milora_megatron.train.loop import Data, Trainer, setup
+    from milora_megatron.train.inputs import Data
+    from milora_megatron.train.loop import Trainer, setup
     from milora_megatron.train.synthetic import RandomBase, random_tokens
 
     experts = args.experts

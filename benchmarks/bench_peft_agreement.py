@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Our PiSSA and MiCA initialisations against PEFT's own on a real model, at TP=1, each
-against a float64 SVD (the README's table). Default model: SmolLM2-135M-Instruct as
+against a float64 SVD (the table in docs/precision.md). Default model: SmolLM2-135M-Instruct as
 `make demo-real` caches it.
 
     python benchmarks/bench_peft_agreement.py [--hf-dir DIR] [--rank 16]

@@ -160,7 +160,7 @@ def tiny_llama(work: str) -> tuple[str, str]:
 def successor_data(n: int, seq_len: int, vocab: int, seed: int = 0):
     """Walks of a fixed random successor map (each token always followed by the same one)
     from random starts: a bigram task adapters learn in a few steps, so the loss must fall."""
-    from milora_megatron.train.loop import Data
+    from milora_megatron.train.inputs import Data
 
     gen = torch.Generator().manual_seed(seed)
     successor = torch.randperm(vocab, generator=gen)

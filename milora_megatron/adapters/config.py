@@ -11,8 +11,8 @@ from ..errors import ConfigError
 
 def option(default, help: str, **kwargs):
     """A config field with its documentation (``--help`` is generated from it)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
 
 

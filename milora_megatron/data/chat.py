@@ -1,5 +1,6 @@
-"""Chat-format records (``messages: [{role, content}, ...]``) rendered with the tokenizer's own
-chat template, the loss on every assistant turn.
+"""Chat-format records (``messages: [{role, content}, ...]``, or ShareGPT's ``conversations:
+[{from, value}, ...]``) rendered with the tokenizer's own chat template, the loss on every
+assistant turn.
 
 Where each assistant turn lies in the rendered text is found by rendering prefixes of the
 conversation: the text up to turn i with the generation prompt, and through turn i. Each
@@ -15,6 +16,9 @@ import numpy as np
 from ..errors import DataError
 
 ROLES = ("system", "user", "assistant")
+# ShareGPT's speaker names (``from``) as chat roles
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant"}
 
 
 class ConversationError(DataError):
@@ -33,6 +37,21 @@ def check_conversation(messages) -> None:
             raise ConversationError(f"turn {turn}: content must be text, found {m['content']!r}")
     if not any(m["role"] == "assistant" for m in messages):
         raise ConversationError("the conversation has no assistant turn (nothing to train on)")
+
+
+def from_sharegpt(conversation) -> list[dict]:
+    """ShareGPT turns (``{from, value}``) as chat messages (``{role, content}``)."""
+    if not isinstance(conversation, list) or not conversation:
+        raise ConversationError("'conversations' must be a non-empty list of {from, value} objects")
+    messages = []
+    for turn, t in enumerate(conversation):
+        if not isinstance(t, dict) or "from" not in t or "value" not in t:
+            raise ConversationError(f"turn {turn} is not a {{from, value}} object: {t!r}")
+        if t["from"] not in SHAREGPT_ROLES:
+            raise ConversationError(f"turn {turn} is from {t['from']!r}, not a known ShareGPT speaker "
+                                    f"({', '.join(SHAREGPT_ROLES)})")
+        messages.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+    return messages
 
 
 def check_tokenizer(tokenizer) -> None:

@@ -10,68 +10,14 @@ import os
 import numpy as np
 import torch
 
+from .sources import DataSource, local, open_records
 from .templates import TEMPLATES
-from ..errors import DataError, MissingPathError
+from ..errors import DataError
 
 
 def load_records(path: str):
-    """A ``datasets.Dataset`` from a jsonl/json/parquet file or a ``save_to_disk`` folder."""
-    import datasets
-
-    if not os.path.exists(path):
-        raise MissingPathError(f"data file {path} does not exist")
-    if os.path.isdir(path):
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        return ds
-    ext = path.rsplit(".", 1)[-1].lower()
-    kind = {"jsonl": "json", "json": "json", "parquet": "parquet", "txt": "text"}.get(ext)
-    if kind is None:
-        raise DataError(f"{path}: unsupported data file type .{ext} (jsonl, json, parquet, txt or a save_to_disk folder)")
-    if os.path.getsize(path) == 0:
-        raise DataError(f"{path} is empty")
-    if kind in ("json", "text"):
-        _check_utf8(path)  # datasets would replace bad bytes silently
-    try:
-        return datasets.load_dataset(kind, data_files=path, split="train")
-    except Exception as exc:  # datasets names neither the file nor the line: find them
-        problem = _first_bad_jsonl_line(path) if ext == "jsonl" else None
-        raise DataError(f"{path}: {problem or f'cannot be read as {ext} ({type(exc).__name__}: {exc})'}") from exc
-
-
-def _check_utf8(path: str, chunk: int = 1 << 24) -> None:
-    """Raise naming the line of the first byte sequence that is not UTF-8 (streamed)."""
-    import codecs
-
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    lines = 1
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError as exc:
-                line = lines + block[: exc.start].count(b"\n")
-                raise DataError(f"{path}, line {line}: bytes that are not UTF-8 text ({exc.reason})") from None
-            lines += block.count(b"\n")
-
-
-def _first_bad_jsonl_line(path: str) -> str | None:
-    import json
-
-    seen = False
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            seen = True
-            try:
-                value = json.loads(line)
-            except ValueError as exc:
-                return f"line {number} is not valid JSON ({exc})"
-            if not isinstance(value, dict):
-                return f"line {number} is not a JSON object"
-    return None if seen else "holds no records"
+    """A ``datasets.Dataset`` from a jsonl/json/parquet/txt file or a local dataset folder."""
+    return open_records(local(path))
 
 
 def _first_non_text(records, fields: tuple[str, ...]) -> tuple[int, str, object] | None:
@@ -119,28 +65,38 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((text + extra).encode()).hexdigest()[:16]
 
 
-def tokenize_examples(path: str, template: str, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+def tokenize_examples(source: DataSource | str, template: str, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
     """(token ids, loss mask) per record: BOS + prompt (mask 0) + response + EOS (mask 1).
 
     One batched ``datasets.map`` (the fast tokenizer works on whole batches), cached by
-    ``datasets`` under a fingerprint of the file, the template and the tokenizer: the first
-    process on a node tokenises, the others load its result (see ``Trainer``)."""
+    ``datasets`` under a fingerprint of the records, where they came from (id, commit, subset,
+    split, column map), the template and the tokenizer: the first process on a node
+    tokenises, the others load its result (see ``Trainer``)."""
+    source = local(source) if isinstance(source, str) else source
     template_ = TEMPLATES[template]
-    required, fmt = template_.required, template_.format
-    records = load_records(path)
+    records = open_records(source)
+    label = source.label
     if len(records) == 0:
-        raise DataError(f"{path} holds no records")
-    where = (lambda index: f"line {index + 1}") if path.endswith(".jsonl") else (lambda index: f"record index {index}")
+        raise DataError(f"{label} holds no records")
+    lines = source.is_file and source.location.endswith(".jsonl") and not source.columns
+    where = (lambda index: f"line {index + 1}") if lines else (lambda index: f"record index {index}")
+    required = template_.required
+    if template_.is_chat:
+        required = (chat_column(records.column_names),)
     missing = _first_missing(records, required)
     if missing is not None:
         index, fields = missing
-        raise DataError(f"{path}, {where(index)}: missing field(s) {fields} required by the {template!r} template")
+        absent = any(f not in records.column_names for f in fields)
+        raise DataError(f"{label}, {where(index)}: missing field(s) {fields} required by the {template!r} template"
+                        + (f" (its columns: {records.column_names}; map them with data.columns)" if absent else ""))
+    key = f"{tokenizer_fingerprint(tokenizer)}|{records._fingerprint}|{sorted(source.record().items())}"
     if template_.is_chat:
-        return _tokenize_chat(path, records, tokenizer, where)
+        return _tokenize_chat(label, records, required[0], tokenizer, where, key)
+    fmt = template_.format
     wrong = _first_non_text(records, (*required, *template_.optional))
     if wrong is not None:
         index, field, value = wrong
-        raise DataError(f"{path}, {where(index)}: field {field!r} must be text, found {value!r}")
+        raise DataError(f"{label}, {where(index)}: field {field!r} must be text, found {value!r}")
     eos = tokenizer.eos_token_id
 
     def encode(batch):
@@ -152,10 +108,9 @@ def tokenize_examples(path: str, template: str, tokenizer) -> list[tuple[np.ndar
 
     # the template's text is part of the key: a probe record formatted with it
     probe = repr(fmt({f: f"<{f}>" for f in (*required, *template_.optional)}))
-    key = hashlib.sha256(f"{probe}|{tokenizer_fingerprint(tokenizer)}|{records._fingerprint}".encode()).hexdigest()
-    fingerprint = f"milora-{template}-{key[:32]}"
+    fingerprint = f"milora-{template}-{hashlib.sha256(f'{probe}|{key}'.encode()).hexdigest()[:32]}"
     mapped = records.map(encode, batched=True, batch_size=1000, remove_columns=records.column_names,
-                         new_fingerprint=fingerprint, desc=f"tokenising {os.path.basename(path)}")
+                         new_fingerprint=fingerprint, desc=f"tokenising {os.path.basename(source.name)}")
     out = []
     for ids, prompt_len in zip(mapped["input_ids"], mapped["prompt_len"]):
         ids = np.asarray(ids, dtype=np.int64)
@@ -165,27 +120,32 @@ def tokenize_examples(path: str, template: str, tokenizer) -> list[tuple[np.ndar
     return out
 
 
-def _tokenize_chat(path: str, records, tokenizer, where) -> list[tuple[np.ndarray, np.ndarray]]:
+def chat_column(columns) -> str:
+    """``messages`` ({role, content} turns) or, failing that, ShareGPT's ``conversations``."""
+    return "conversations" if "conversations" in columns and "messages" not in columns else "messages"
+
+
+def _tokenize_chat(label: str, records, column: str, tokenizer, where, key: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """Chat records (data/chat.py), cached like the others under the chat template's text."""
-    from .chat import ConversationError, check_tokenizer, encode_conversation
+    from .chat import ConversationError, check_tokenizer, encode_conversation, from_sharegpt
 
     check_tokenizer(tokenizer)
+    sharegpt = column == "conversations"
 
     def encode(batch, indices):
         ids, masks = [], []
-        for messages, index in zip(batch["messages"], indices):
+        for turns, index in zip(batch[column], indices):
             try:
-                i, m = encode_conversation(tokenizer, messages)
+                i, m = encode_conversation(tokenizer, from_sharegpt(turns) if sharegpt else turns)
             except ConversationError as exc:
-                raise DataError(f"{path}, {where(index)}: {exc}") from None
+                raise DataError(f"{label}, {where(index)}: {exc}") from None
             ids.append(i.tolist())
             masks.append(m.tolist())
         return {"input_ids": ids, "loss_mask": masks}
 
-    key = hashlib.sha256(f"{tokenizer.chat_template}|{tokenizer_fingerprint(tokenizer)}|{records._fingerprint}"
-                         .encode()).hexdigest()
+    digest = hashlib.sha256(f"{tokenizer.chat_template}|{column}|{key}".encode()).hexdigest()
     mapped = records.map(encode, batched=True, batch_size=1000, with_indices=True, remove_columns=records.column_names,
-                         new_fingerprint=f"milora-chat-{key[:32]}", desc=f"tokenising {os.path.basename(path)}")
+                         new_fingerprint=f"milora-chat-{digest[:32]}", desc=f"tokenising {os.path.basename(label)}")
     return [(np.asarray(i, dtype=np.int64), np.asarray(m, dtype=np.float32))
             for i, m in zip(mapped["input_ids"], mapped["loss_mask"])]
 

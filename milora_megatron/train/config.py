@@ -32,8 +32,24 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = option("", "jsonl / json / parquet file, or a datasets save_to_disk folder")
-    valid: str = option("", "same formats; empty: no validation loss")
+    train: str = option("", "jsonl / json / parquet file, a local dataset folder (save_to_disk, or files laid out "
+                            "as a dataset repo), or a Hugging Face dataset id org/name (through the Hub cache: "
+                            "HF_HOME, HF_TOKEN, HF_HUB_OFFLINE=1 as huggingface_hub reads them)")
+    valid: str = option("", "validation data in the same forms, read at data.valid_split if set (else its 'train' "
+                            "split); empty: data.valid_split of data.train's dataset, data.valid_fraction, or no "
+                            "validation loss")
+    revision: str = option("", "branch, tag or commit of data.train's Hub dataset; empty: its default branch. The "
+                               "commit it resolved to is recorded in run.json, and a resume that resolves to another "
+                               "is refused")
+    subset: str = option("", "data.train's subset (the dataset's config name); empty: the default one")
+    split: str = option("train", "the split of data.train trained on")
+    valid_split: str = option("", "validation from this split of data.train's dataset (e.g. test); empty: none")
+    valid_fraction: float = option(0.0, "validation from a held-out fraction of data.train's examples (chosen by "
+                                        "train.seed, never trained on); 0: none")
+    columns: dict[str, str] = option({}, "the dataset's column names mapped onto the template's fields: "
+                                         "question:instruction,answer:output, or a YAML mapping "
+                                         "{question: instruction, answer: output}; a dataset column already named "
+                                         "like a mapped field gives way")
     template: str = option("alpaca", "prompt template (data/templates.py): alpaca (instruction/[input]/output) | "
                                      "metamath (query/response); the loss is on the response only | chat "
                                      "(messages: [{role, content}], the tokenizer's chat template, the loss on "
@@ -135,6 +151,14 @@ def _coerce(key: str, value, hint):
         if value not in args:
             raise ConfigError(f"{key} must be one of {list(args)}, got {value!r}")
         return value
+    if origin is dict:
+        if isinstance(value, str):
+            from ..data.sources import parse_columns
+
+            value = dict(parse_columns(value))
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping or key:value pairs, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -242,6 +266,9 @@ def validate(cfg: RunConfig) -> None:
         (p.etp is None or 1 <= p.etp <= p.tp, f"parallel.etp must be between 1 and parallel.tp ({p.tp}), got {p.etp}: "
                                               "an expert split wider than TP would need its own dropout streams"),
         (p.timeout_minutes >= 1, f"parallel.timeout_minutes must be >= 1, got {p.timeout_minutes}"),
+        (0.0 <= cfg.data.valid_fraction < 1.0, f"data.valid_fraction must be in [0, 1), got {cfg.data.valid_fraction}"),
+        (not (cfg.data.valid_fraction and (cfg.data.valid or cfg.data.valid_split)),
+         "data.valid_fraction holds validation out of data.train: leave data.valid and data.valid_split empty with it"),
         (cfg.data.template in TEMPLATES, f"data.template must be one of {sorted(TEMPLATES)}, got {cfg.data.template!r}"),
         (cfg.model.spec == "local", f"model.spec must be 'local', got {cfg.model.spec!r}: transformer-engine's "
                                     "spec ('te') builds TE linears that the adapters cannot wrap, and it has not run "

@@ -30,12 +30,12 @@ from ..checkpoint.adapters import (AdapterCheckpoint, diverged, local_factors, s
                                    step_dir)
 from ..checkpoint.atomic import write_json_atomic
 from ..checkpoint.base import BaseCheckpoint
-from ..errors import CheckpointError, ConfigError, DataError, DiskFullError, RunFolderError, TrainingStopped
+from ..errors import CheckpointError, ConfigError, DiskFullError, RunFolderError, TrainingStopped
 from ..device import all_reduce_scalars, resolve_device, resolve_dtype
 from ..models.decoder import build_gpt, transformer_config
-from ..data import text_samples, to_samples, tokenize_examples
 from .batches import SampleOrder, micro_batches, sample_parts, scored_labels
 from .config import RunConfig
+from .inputs import Data, check_same_data, load_data
 from .evaluation import eval_micro_batches, forgetting_loss, validation_loss
 from .gradients import LossScale, clip_, global_grad_norm, reduce_over_data_parallel, unscale_
 from .metrics import MetricsLog
@@ -46,61 +46,6 @@ from .pipeline import last_stage_totals, masked_loss_step, run_schedule
 from .schedule import lr_at
 from .state import (gather_moments, install_moments, load_moments, load_state, prune, set_rng_state, state_writer,
                     write_moments)
-
-
-@dataclass
-class Data:
-    """Samples as (tokens, masks[, positions]): positions only for packed ones (batches.sample_parts)."""
-
-    train: tuple
-    valid: tuple | None
-    forgetting: tuple[torch.Tensor, torch.Tensor] | None
-
-
-def load_data(cfg: RunConfig, base: BaseCheckpoint, host_group=None) -> Data:
-    """Tokenise the data files. The first process of each node tokenises (one batched
-    ``datasets.map``, cached by ``datasets``); the node's other processes then load that,
-    waiting on ``host_group`` (gloo: never an NCCL barrier while one rank works on the CPU)."""
-    from transformers import AutoTokenizer
-
-    if not cfg.data.train:
-        raise ConfigError("data.train is not set")
-    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if dist.get_rank() != 0:
-        import datasets
-
-        datasets.disable_progress_bars()
-    t, d = cfg.train, cfg.data
-
-    def samples(path):
-        tokens, masks, positions = to_samples(tokenize_examples(path, d.template, tok), t.seq_len, pad, d.pack)
-        keep = masks[:, 1:].sum(1) > 0
-        if not keep.any():
-            raise DataError(f"{path}: no example keeps a response token within train.seq_len={t.seq_len} "
-                             "(the prompts are longer); raise train.seq_len")
-        if not keep.all() and dist.get_rank() == 0:
-            print(f"warning: {path}: {int((~keep).sum())} of {len(keep)} examples have no response token within "
-                  f"train.seq_len={t.seq_len} and are skipped", flush=True)
-        return tokens[keep], masks[keep], None if positions is None else positions[keep]
-
-    def read() -> Data:
-        forgetting = (text_samples(d.forgetting, tok, t.seq_len, max_samples=t.eval_batches * t.micro_batch)
-                      if d.forgetting else None)
-        return Data(samples(d.train), samples(d.valid) if d.valid else None, forgetting)
-
-    tok = AutoTokenizer.from_pretrained(base.hf_side_dir)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if not first_on_node:
-        dist.barrier(group=host_group)
-    try:
-        data, error = read(), None
-    except Exception as exc:  # the node's other ranks meet the same error after the barrier
-        data, error = None, exc
-    if first_on_node:
-        dist.barrier(group=host_group)
-    if error is not None:
-        raise error
-    return data
 
 
 class BaseVerification:
@@ -210,6 +155,8 @@ class Trainer:
         # cheap checks first: the run folder (lock, resume plan) and the data, then the model
         self.plan, self.lock = folder if folder is not None else prepare(cfg, dist.get_world_size(), g.host)
         self.data = data if data is not None else load_data(cfg, self.base, g.host)
+        if self.plan["resume"] is not None:
+            check_same_data(self.plan.get("data"), self.data.sources)
         # beside the model build and init
         verifying = BaseVerification(self.base, self.rank, dist.get_world_size(), g.host)
         start = time.perf_counter()
@@ -311,6 +258,7 @@ class Trainer:
                 "world_size": dist.get_world_size(), "tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size,
                 **({"ep": g.ep_size, "etp": g.etp_size} if self.moe else {}),
                 "total_steps": self.total, "device": self.device.type, "dtype": str(self.dtype).replace("torch.", ""),
+                **({"data": self.data.sources} if self.data.sources else {}),
             })
 
     def _diverged(self) -> list[str]:

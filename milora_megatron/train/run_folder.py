@@ -31,8 +31,10 @@ CONFIG = "config.json"
 RUN = "run.json"
 RUN_FILES = (CONFIG, RUN, "metrics.jsonl", CHECKPOINTS)
 # keys whose change a resume cannot honour: the factors' shapes and meaning, the samples and
-# their order, the layout of the per-rank state
-FIXED_ON_RESUME = ("peft.method", "peft.rank", "peft.alpha", "peft.targets", "peft.moe_targets", "peft.residual", "data.train",
+# their order, the layout of the per-rank state (data.revision is free: the commit it resolves
+# to is what must stay, see train/inputs.check_same_data)
+FIXED_ON_RESUME = ("peft.method", "peft.rank", "peft.alpha", "peft.targets", "peft.moe_targets", "peft.residual",
+                   "data.train", "data.subset", "data.split", "data.columns", "data.valid_fraction",
                    "data.template", "data.pack", "train.seq_len", "train.seed")
 
 
@@ -103,14 +105,10 @@ class RunLock:
             pass
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+def _flatten(config: dict) -> dict:
+    """``section.key -> value``; a value may itself be a mapping (data.columns)."""
+    return {f"{section}.{key}": value for section, keys in config.items() if isinstance(keys, dict)
+            for key, value in keys.items()}
 
 
 def resume_conflicts(saved: dict, now: dict) -> list[str]:
@@ -213,7 +211,8 @@ def plan(out: str, config: dict, world_size: int, fresh_start: bool) -> dict:
     if relayout:
         notes.append(f"resuming on another layout: {_layout(then)} -> {_layout(now)} (factors and AdamW state "
                      "re-sharded; dropout streams are reseeded)")
-    return {"resume": ckpt.path, "notes": notes, "relayout": relayout, "saved_stages": then[2], "changed": changed}
+    return {"resume": ckpt.path, "notes": notes, "relayout": relayout, "saved_stages": then[2], "changed": changed,
+            "data": run.get("data")}
 
 
 def _layout(layout: tuple[int, int, int, int, int]) -> str:

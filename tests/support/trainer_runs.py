@@ -15,15 +15,18 @@ LAUNCH = os.path.join(ROOT, "launch", "pretrain_milora.py")
 TORCHRUN_WRAPPER = os.path.join(ROOT, "launch", "torchrun_usr1.py")
 
 
-def make_inputs(root, family: str = "llama", **shape) -> str:
-    """A tiny HF model (Llama unless ``family`` says otherwise) converted at TP2 x PP2 under
-    ``root``, train/valid jsonl and general text beside it; returns the base checkpoint's path."""
+def make_inputs(root, family: str = "llama", chat_template: str | None = None, **shape) -> str:
+    """A tiny HF model (Llama unless ``family`` says otherwise; its tokenizer with
+    ``chat_template`` when given) converted at TP2 x PP2 under ``root``, train/valid jsonl and
+    general text beside it; returns the base checkpoint's path."""
     from milora_megatron.convert.importer import convert_hf_to_megatron
 
     records = alpaca_records(48)
     texts = [json.dumps(r) for r in records] * 4
     make_hf_model(str(root / "hf"), seed=7, vocab=512, family=family, **shape)
     make_tokenizer(str(root / "hf"), texts, vocab=512)
+    if chat_template:
+        (root / "hf" / "chat_template.jinja").write_text(chat_template)
     ckpt = convert_hf_to_megatron(str(root / "hf"), str(root / "ckpt"), tp=2, pp=2, progress=False)
     with open(root / "train.jsonl", "w") as f:
         for r in records:

@@ -10,8 +10,9 @@ import sys
 from paths import ROOT
 
 PACKAGE = os.path.join(ROOT, "milora_megatron")
-LEAVES = {"mapping", "data", "device", "subspace", "errors"}
-ROOTS = {"errors"}  # what every part may import, leaves too: the user-error family
+LEAVES = {"mapping", "data", "device", "subspace", "errors", "hub"}
+# what every part may import, leaves too: the user-error family, and the Hub (a model's or a dataset's)
+ROOTS = {"errors", "hub"}
 
 
 def _imports(path: str) -> set[str]:
