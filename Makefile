@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-real demo-adapters test bench bench-train bench-bf16 replicate replicate-smollm2 gpu-wheels gpu-check clean
+.PHONY: venv demo demo-real demo-adapters test test-fast bench bench-train bench-bf16 replicate replicate-smollm2 gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+
+# The edit loop: the unit tests only (no process groups, no trainer launches).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 # The user path on a tiny Llama on CPU: HF folder -> convert (TP=2) -> torchrun train MiLoRA
 # -> merged HF + PEFT adapter -> transformers generate. Everything lands in runs/demo.
@@ -46,7 +50,7 @@ bench: $(STAMP)
 bench-train: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) benchmarks/bench_train_throughput.py --small
 
-# Adapter updates in bf16 against fp32, with and without fp32 master factors (README "bf16").
+# Adapter updates in bf16 against fp32, with and without fp32 master factors (docs/training.md, "bf16").
 bench-bf16: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 benchmarks/bench_bf16_factors.py
 

@@ -1,2 +1,2 @@
 """A small CPU replication of the MiLoRA paper's claims: replicate.py runs it, results/RESULTS.md
-holds the latest table (see the README's "Analysis tools and the CPU replication")."""
+holds the latest table (see docs/analysis.md)."""
