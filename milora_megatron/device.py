@@ -15,15 +15,18 @@ type cpu"), gloo is the CPU backend. Two kinds of tensor reach collectives:
 from __future__ import annotations
 
 import os
-from typing import Sequence
+import typing
+from typing import Literal, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .errors import ConfigError
 
-DEVICES = ("auto", "cuda", "cpu")
+Device = Literal["auto", "cuda", "cpu"]
+DEVICES = typing.get_args(Device)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]  # auto: bf16 on a GPU, fp32 on the CPU
 
 
 def resolve_device(name: str = "auto") -> torch.device:

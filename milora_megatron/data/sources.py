@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError, DataError, MissingPathError
 from ..hub import looks_like_hub_id, one_line, snapshot
+from ..schema import parse_pairs
 
 FILE_KINDS = {"jsonl": "json", "json": "json", "parquet": "parquet", "txt": "text"}
 
@@ -56,12 +57,7 @@ def parse_columns(value) -> tuple[tuple[str, str], ...]:
     if isinstance(value, dict):
         pairs = [(str(k), str(v)) for k, v in value.items()]
     elif isinstance(value, str):
-        items = [item.strip() for item in value.split(",") if item.strip()]
-        bad = [item for item in items if item.count(":") != 1 or not all(p.strip() for p in item.split(":"))]
-        if bad:
-            raise ConfigError(f"data.columns: {bad[0]!r} is not column:field (e.g. data.columns=question:instruction,"
-                              "answer:output)")
-        pairs = [tuple(p.strip() for p in item.split(":")) for item in items]
+        pairs = parse_pairs("data.columns", value)
     else:
         raise ConfigError(f"data.columns must be column:field pairs or a mapping, got {value!r}")
     targets = [field for _, field in pairs]

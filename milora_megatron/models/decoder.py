@@ -13,7 +13,9 @@ real vocabulary.
 from __future__ import annotations
 
 import functools
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -24,7 +26,8 @@ from ..mapping.experts import ExpertNames, SparseMLP
 VOCAB_PAD_MULTIPLE = 128
 ACTIVATIONS = {"silu": torch.nn.functional.silu,
                "gelu_tanh": functools.partial(torch.nn.functional.gelu, approximate="tanh")}
-RECOMPUTE = ("none", "selective", "full")
+Recompute = Literal["none", "selective", "full"]
+RECOMPUTE = typing.get_args(Recompute)
 
 
 @dataclass

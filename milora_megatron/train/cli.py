@@ -1,4 +1,4 @@
-"""Fine-tune a converted checkpoint (Llama, Qwen2/2.5, Qwen3, Mistral) with MiLoRA / PiSSA / LoRA / MiCA on megatron-core.
+"""Fine-tune a converted checkpoint (Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 3, Qwen3-MoE, Mixtral) with MiLoRA / PiSSA / LoRA / MiCA on megatron-core.
 
     torchrun --nproc_per_node N launch/pretrain_milora.py --config configs/FILE.yaml [key=value ...]
     torchrun --nproc_per_node N -m milora_megatron.train --config configs/FILE.yaml [key=value ...]

@@ -23,6 +23,8 @@ import time
 from ..checkpoint.adapters import CHECKPOINTS, candidates, newest_complete
 from ..checkpoint.atomic import PARTIAL_SUFFIX, write_json_atomic
 from ..errors import RunFolderError, UserError, as_user_error
+from ..schema import fixed_keys
+from .config import fixed_on_resume
 from .state import optimizer_file, rank_file
 
 LOCK = "run.lock"
@@ -30,12 +32,6 @@ STALE_AFTER_S = 900.0
 CONFIG = "config.json"
 RUN = "run.json"
 RUN_FILES = (CONFIG, RUN, "metrics.jsonl", CHECKPOINTS)
-# keys whose change a resume cannot honour: the factors' shapes and meaning, the samples and
-# their order, the layout of the per-rank state (data.revision is free: the commit it resolves
-# to is what must stay, see train/inputs.check_same_data)
-FIXED_ON_RESUME = ("peft.method", "peft.rank", "peft.alpha", "peft.targets", "peft.moe_targets", "peft.residual",
-                   "data.train", "data.subset", "data.split", "data.columns", "data.valid_fraction",
-                   "data.template", "data.pack", "train.seq_len", "train.seed")
 
 
 MARKER = ".milora-run"  # written into a folder the moment a run takes it: "this folder is a run's"
@@ -111,10 +107,15 @@ def _flatten(config: dict) -> dict:
             for key, value in keys.items()}
 
 
-def resume_conflicts(saved: dict, now: dict) -> list[str]:
-    """``key: saved -> now`` for every FIXED_ON_RESUME key a rerun changed (of those ``saved`` records)."""
+def resume_conflicts(saved: dict, now: dict, schema=None) -> list[str]:
+    """``key: saved -> now`` for every key a rerun changed that ``schema`` (the run config's)
+    marks fixed on resume: what the factors' shapes and meaning, the samples and their order,
+    and the per-rank state's layout depend on. Of the keys ``saved`` records (an older run's
+    config may lack a newer key). data.revision is not one: the commit it resolves to must
+    stay (``inputs.check_same_data``)."""
+    keys = fixed_keys(schema) if schema is not None else fixed_on_resume()
     a, b = _flatten(saved), _flatten(now)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in FIXED_ON_RESUME if k in a and a.get(k) != b.get(k)]
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if k in a and a.get(k) != b.get(k)]
 
 
 def changed_keys(saved: dict, now: dict) -> list[str]:

@@ -14,7 +14,7 @@ LAUNCH = os.path.join(ROOT, "launch", "pretrain_milora.py")
     (["train.lrr=1"], "unknown config key 'train.lrr'; valid keys: model.load"),
     (["train.iters=abc"], "train.iters must be an integer"),
     (["parallel.sp=3"], "parallel.sp must be true or false"),
-    (["peft.method=dora"], "unknown"),
+    (["peft.method=dora"], "peft.method must be one of ['lora', 'mica', 'milora', 'pissa'], got 'dora'"),
     (["train.lr"], "is not key=value"),
     (["train.log_every=0"], "train.log_every must be >= 1"),  # before: a ZeroDivisionError mid-run
     (["train.eval_batches=0"], "train.eval_batches must be >= 1"),
@@ -22,9 +22,11 @@ LAUNCH = os.path.join(ROOT, "launch", "pretrain_milora.py")
     (["peft.svd_backend=lapack"], "peft.svd_backend must be one of"),
 ])
 def test_config_errors(overrides, message):
+    import re
+
     from milora_megatron.train.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), overrides)
 
 
@@ -87,3 +89,43 @@ def test_wandb_without_the_package_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"wandb package is not installed \(pip install 'milora-megatron\[wandb\]'\)"):
         load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), ["output.wandb_project=x"])
     load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), [])  # without a project nothing is needed
+
+
+def test_fixed_on_resume_is_the_fields_own_and_follows_a_rename():
+    """The resume guard reads the fields: a fixed key that is renamed stays fixed (a list of
+    key names compared by name would silently stop protecting it)."""
+    import dataclasses
+    import typing
+
+    from milora_megatron.adapters.config import AdapterConfig
+    from milora_megatron.train.config import RunConfig, fixed_on_resume
+    from milora_megatron.train.run_folder import resume_conflicts
+
+    assert set(fixed_on_resume()) == {
+        "peft.method", "peft.rank", "peft.alpha", "peft.targets", "peft.moe_targets", "peft.residual", "data.train",
+        "data.subset", "data.split", "data.columns", "data.valid_fraction", "data.template", "data.pack",
+        "train.seq_len", "train.seed"}
+
+    def renamed(cls, old, new):
+        hints = typing.get_type_hints(cls)
+        return dataclasses.make_dataclass(cls.__name__, [
+            (new if f.name == old else f.name, hints[f.name], dataclasses.field(default=None, metadata=f.metadata))
+            for f in dataclasses.fields(cls)])
+
+    hints = typing.get_type_hints(RunConfig)
+    peft = renamed(AdapterConfig, "rank", "lora_rank")
+    schema = dataclasses.make_dataclass("RunConfig", [(f.name, peft if f.name == "peft" else hints[f.name])
+                                                      for f in dataclasses.fields(RunConfig)])
+    saved = {"peft": {"lora_rank": 8, "dropout": 0.05}, "train": {"lr": 1e-4, "seed": 1}}
+    now = {"peft": {"lora_rank": 16, "dropout": 0.0}, "train": {"lr": 2e-4, "seed": 1}}
+    assert resume_conflicts(saved, now, schema=schema) == ["peft.lora_rank: 8 -> 16"]
+    assert resume_conflicts(saved, now) == []  # under the real schema, lora_rank is no key at all
+
+
+def test_help_lists_each_keys_choices_and_whether_a_resume_may_change_it():
+    from milora_megatron.train.config import describe
+
+    text = " ".join(describe(width=10_000).split())
+    assert "train.recompute = 'none'" in text and "[one of: none, selective, full]" in text
+    assert "[one of: alpaca, metamath, chat] [fixed on resume]" in text  # a registry's names
+    assert "[one of: lora, mica, milora, pissa] [fixed on resume]" in text

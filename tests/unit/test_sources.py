@@ -135,7 +135,7 @@ def test_an_unknown_sharegpt_speaker_names_the_record(tmp_path, tokenizer):
 def test_column_maps_parse_from_the_command_line_and_yaml():
     assert parse_columns("question:instruction, answer:output") == (("question", "instruction"), ("answer", "output"))
     assert parse_columns({"question": "instruction"}) == (("question", "instruction"),)
-    with pytest.raises(ConfigError, match="'question' is not column:field"):
+    with pytest.raises(ConfigError, match="'question' is not key:value"):
         parse_columns("question")
     with pytest.raises(ConfigError, match=r"more than one column onto \['output'\]"):
         parse_columns("a:output,b:output")

@@ -10,9 +10,10 @@ import sys
 from paths import ROOT
 
 PACKAGE = os.path.join(ROOT, "milora_megatron")
-LEAVES = {"mapping", "data", "device", "subspace", "errors", "hub"}
-# what every part may import, leaves too: the user-error family, and the Hub (a model's or a dataset's)
-ROOTS = {"errors", "hub"}
+LEAVES = {"mapping", "data", "device", "subspace", "errors", "hub", "schema"}
+# what every part may import, leaves too: the user-error family, the Hub (a model's or a
+# dataset's) and the config schema's helpers
+ROOTS = {"errors", "hub", "schema"}
 
 
 def _imports(path: str) -> set[str]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face model folder (Llama, Qwen2/2.5, Qwen3, Mistral) or Hub id into a milora-megatron base checkpoint.
+"""Convert a Hugging Face model folder (Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 3, Qwen3-MoE, Mixtral) or Hub id into a milora-megatron base checkpoint.
 
 The installed command ``milora-hf-to-megatron`` is the same program (``milora-hf-to-megatron --help``); this path stays for
 scripts that call it."""
