@@ -1,10 +1,11 @@
 """The fine-tuning run: base checkpoint -> megatron model (+ adapters) -> megatron's pipeline
 schedule -> adapter checkpoints and metrics in ``output.dir``.
 
-The ``Trainer`` orchestrates; the pieces live beside it: ``parallel`` (process groups),
-``pipeline`` (the forward step and megatron's schedule), ``gradients`` (data-parallel sum,
-loss scale, norm and clipping), ``evaluation`` (validation and forgetting losses),
-``state`` (resume state) and ``data``.
+The ``Trainer`` orchestrates; the pieces live beside it: ``run_folder`` (lock and resume
+plan), ``inputs`` (the data), ``parallel`` (process groups), ``pipeline`` (the forward step and
+megatron's schedule), ``gradients`` (data-parallel sum, loss scale, norm and clipping),
+``evaluation`` (validation and forgetting losses), ``checkpointer`` (save, resume, the run
+folder's records), ``signals`` (stop requests) and ``verification`` (the base's checksums).
 
 Only adapter factors train, as float32 masters. The optimizer is torch's AdamW over them:
 megatron-core's optimizers (and its distributed optimizer) are CUDA-only, and sharding the
@@ -17,113 +18,30 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
-import sys
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ..adapters.apply import AdaptedTarget, apply_adapters, fold_initial
-from ..checkpoint.adapters import (AdapterCheckpoint, diverged, local_factors, save_adapter_checkpoint, scatter_factors,
-                                   step_dir)
-from ..checkpoint.atomic import write_json_atomic
+from ..adapters.apply import AdaptedTarget, apply_adapters
 from ..checkpoint.base import BaseCheckpoint
-from ..errors import CheckpointError, ConfigError, DiskFullError, RunFolderError, TrainingStopped
 from ..device import all_reduce_scalars, resolve_device, resolve_dtype
+from ..errors import ConfigError, DiskFullError, TrainingStopped
 from ..models.decoder import build_gpt, transformer_config
 from .batches import SampleOrder, micro_batches, sample_parts, scored_labels
+from .checkpointer import Checkpointer
 from .config import RunConfig
-from .inputs import Data, check_same_data, load_data
 from .evaluation import eval_micro_batches, forgetting_loss, validation_loss
 from .gradients import LossScale, clip_, global_grad_norm, reduce_over_data_parallel, unscale_
+from .inputs import Data, check_same_data, load_data
 from .metrics import MetricsLog
-from .sinks import TensorBoardSink, WandbSink
 from .parallel import ParallelGroups, init_distributed, seed_per_replica
-from .run_folder import prepare
 from .pipeline import last_stage_totals, masked_loss_step, run_schedule
+from .run_folder import RunFolder, prepare
 from .schedule import lr_at
-from .state import (gather_moments, install_moments, load_moments, load_state, prune, set_rng_state, state_writer,
-                    write_moments)
-
-
-class BaseVerification:
-    """Each rank verifies the checksums of its share of the base checkpoint's files in a
-    thread (sha256 releases the GIL) while the model is built and the adapters initialised;
-    ``result()`` gathers the verdicts and raises on every rank if any file changed."""
-
-    def __init__(self, base, rank: int, world: int, host_group=None):
-        import threading
-
-        self.group = host_group
-        self.verdict = None
-        self.thread = None
-        if hasattr(base, "check_share"):  # not for the benchmarks' random base
-            self.thread = threading.Thread(target=lambda: setattr(self, "verdict", base.check_share(rank, world)),
-                                           daemon=True)
-            self.thread.start()
-
-    def result(self) -> None:
-        if self.thread is None:
-            return
-        self.thread.join()
-        verdicts = [None] * dist.get_world_size()
-        dist.all_gather_object(verdicts, self.verdict, group=self.group)
-        bad = [v for v in verdicts if v]
-        if bad:
-            raise CheckpointError(f"{bad[0]}: the base checkpoint is damaged; convert it again")
-
-
-class StopSignals:
-    """SIGTERM / SIGUSR1 (Slurm's time limit, preemption) and Ctrl-C (SIGINT) recorded, to be
-    acted on between steps: the run saves a checkpoint and stops. Installed before the model
-    is built, so a signal during a long init still saves.
-
-    A second Ctrl-C aborts at once without saving (the last checkpoint is kept), except
-    while a checkpoint is being written: that save completes first, then the run aborts."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self.saving = False
-        self.abort_after_save = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        name = signal.Signals(signum).name
-        if signum == signal.SIGINT and self.received == "SIGINT":
-            if self.saving:
-                self.abort_after_save = True
-                self._say("Ctrl-C again: a checkpoint is being written; aborting as soon as it is complete")
-                return
-            self._abort()
-        if self.received is None:
-            self.received = name
-            if signum == signal.SIGINT:
-                self._say("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again aborts at "
-                          "once, keeping the last checkpoint)")
-
-    @staticmethod
-    def _say(text: str) -> None:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"pretrain_milora: {text}", file=sys.stderr, flush=True)
-
-    def _abort(self):
-        self._say("Ctrl-C again: aborted without saving; rerunning the same command resumes from the last "
-                  "checkpoint")
-        os._exit(130)
-
-    @contextlib.contextmanager
-    def saving_checkpoint(self):
-        """A Ctrl-C that arrives during the block waits for it to finish."""
-        self.saving = True
-        try:
-            yield
-        finally:
-            self.saving = False
-            if self.abort_after_save:
-                self._abort()
+from .signals import StopSignals
+from .sinks import TensorBoardSink, WandbSink
+from .verification import BaseVerification
 
 
 class Trainer:
@@ -131,7 +49,7 @@ class Trainer:
     throughput benchmark and the GPU check pass random weights and tokens instead."""
 
     def __init__(self, cfg: RunConfig, groups: ParallelGroups, device: torch.device, base=None,
-                 data: Data | None = None, stop: StopSignals | None = None, folder: tuple | None = None):
+                 data: Data | None = None, stop: StopSignals | None = None, folder: RunFolder | None = None):
         self.cfg, self.groups, self.device = cfg, groups, device
         self.rank = dist.get_rank()
         g, t = groups, cfg.train
@@ -153,10 +71,11 @@ class Trainer:
             raise ConfigError(f"a mixture-of-experts model at parallel.tp={g.tp_size} trains with sequence parallelism "
                               "only (megatron's MoE layer refuses otherwise): set parallel.sp=true")
         # cheap checks first: the run folder (lock, resume plan) and the data, then the model
-        self.plan, self.lock = folder if folder is not None else prepare(cfg, dist.get_world_size(), g.host)
+        self.folder = folder if folder is not None else prepare(cfg, dist.get_world_size(), g.host)
+        self.plan = self.folder.plan
         self.data = data if data is not None else load_data(cfg, self.base, g.host)
-        if self.plan["resume"] is not None:
-            check_same_data(self.plan.get("data"), self.data.sources)
+        if self.plan.resume is not None:
+            check_same_data(self.plan.data, self.data.sources)
         # beside the model build and init
         verifying = BaseVerification(self.base, self.rank, dist.get_world_size(), g.host)
         start = time.perf_counter()
@@ -167,14 +86,14 @@ class Trainer:
         self.base.load_into(self.model, g.tp_rank, g.tp_size)
         self.peft = cfg.peft
         # a resume loads A, B, A0, B0 from its checkpoint: no eigensolve at all
-        self.init_stats = {"source": "checkpoint" if self.plan["resume"] is not None else "init"}
+        self.init_stats = {"source": "checkpoint" if self.plan.resume is not None else "init"}
         # the init cache needs weights with an identity; random stand-in weights have none
         fingerprint = self.base.fingerprint if isinstance(self.base, BaseCheckpoint) else None
         if self.peft.init_cache and fingerprint is None and self.rank == 0:
             print("peft.init_cache is not used: the base weights are random stand-ins", flush=True)
         self.targets: list[AdaptedTarget] = apply_adapters(
             self.model, self.peft, g.tp, g.dp, progress=self.rank == 0, seed=t.seed,
-            from_checkpoint=self.plan["resume"] is not None, stats=self.init_stats, base_fingerprint=fingerprint)
+            from_checkpoint=self.plan.resume is not None, stats=self.init_stats, base_fingerprint=fingerprint)
         if self.init_stats.get("cache_hits") and not self.init_stats.get("cache_misses"):
             self.init_stats["source"] = "cache"
         self.init_s = time.perf_counter() - start
@@ -184,6 +103,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay,
                                            fused=device.type == "cuda")
         self.loss_scale = LossScale(dynamic=self.dtype == torch.float16)
+        self.checkpoints = Checkpointer(self.out, cfg, g, self.targets, self.optimizer, self.loss_scale, self.base,
+                                        device)
         seed_per_replica(t.seed, g)
         self.order = SampleOrder(len(self.data.train[0]), t.seed)
         n = len(self.data.train[0])
@@ -204,8 +125,7 @@ class Trainer:
     # ---- bookkeeping -------------------------------------------------------------------
     def resume_or_start(self) -> None:
         """Load the checkpoint the run-folder plan chose, or record a fresh start."""
-        g = self.groups
-        notes = self.plan["notes"]
+        notes = self.plan.notes
         per_rank = [None] * dist.get_world_size()
         s = self.init_stats
         dist.all_gather_object(per_rank, (s["eigensolves"], s["source"], s.get("cache_hits"), s.get("cache_misses")))
@@ -217,102 +137,32 @@ class Trainer:
             event["cache_misses_per_rank"] = [r[3] for r in per_rank]
             event["init_cache"] = os.path.abspath(self.peft.init_cache)
         self.metrics.log(event, console=False)
-        if self.plan["resume"] is not None:
-            latest = AdapterCheckpoint(self.plan["resume"])  # verified on rank 0 by the plan
-            if not self.base.is_the_base_of(latest.meta["base"]["fingerprint"]):
-                raise RunFolderError(f"{self.out} was trained on another base checkpoint ({latest.meta['base']['path']})")
-            scatter_factors(self.targets, latest.tensors(), g.tp_rank, g.tp_size)
-            fold_initial(self.targets, self.peft)  # merge mode: W - s B0 A0, from the loaded B0, A0
-            if self.plan.get("relayout"):
-                moments, state = load_moments(latest, self.plan["saved_stages"])
-                install_moments(self.targets, self.optimizer, moments, state["adam_step"], g.tp_rank, g.tp_size)
-                seed_per_replica(self.cfg.train.seed + state["step"], g)  # RNG states do not map across layouts
-                self._record_layout()
-            else:
-                state = load_state(latest, self.rank)
-                self.optimizer.load_state_dict(state["optimizer"])
-                set_rng_state(state["rng"], self.device)
-            self.step, self.position = state["step"], state["position"]
-            self.loss_scale.load_state_dict(state.get("loss_scale", self.loss_scale.state_dict()))
-            changed = self.plan.get("changed") or []
-            # the run's record follows what this resume changed (lr, iters, ...): config and total steps
-            if self.rank == 0:
-                write_json_atomic(os.path.join(self.out, "config.json"), self.cfg.to_dict())
-            if not self.plan.get("relayout"):
-                self._record_layout()
-            self.metrics.log({"event": "resumed", "from": latest.path, "step": self.step, "total_steps": self.total,
-                              **({"changed": changed} if changed else {}), **({"notes": notes} if notes else {})})
-            return
-        if self.rank == 0:
-            write_json_atomic(os.path.join(self.out, "config.json"), self.cfg.to_dict())
-        self._record_layout()
-        if notes:
+        if self.plan.resume is not None:
+            self.step, self.position = self.checkpoints.resume(self.plan)
+        # the run's record follows what a resume changed (lr, iters, ...): config and total steps
+        self.checkpoints.record(self.total, self.dtype, self.data.sources)
+        if self.plan.resume is not None:
+            changed = self.plan.changed
+            self.metrics.log({"event": "resumed", "from": self.plan.resume, "step": self.step,
+                              "total_steps": self.total, **({"changed": changed} if changed else {}),
+                              **({"notes": notes} if notes else {})})
+        elif notes:
             self.metrics.log({"event": "started", "notes": notes})
 
-    def _record_layout(self) -> None:
-        """run.json: the base and the layout the checkpoints from now on are saved at."""
-        if self.rank == 0:
-            g = self.groups
-            write_json_atomic(os.path.join(self.out, "run.json"), {
-                "base": {"path": self.base.path, "fingerprint": self.base.fingerprint},
-                "world_size": dist.get_world_size(), "tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size,
-                **({"ep": g.ep_size, "etp": g.etp_size} if self.moe else {}),
-                "total_steps": self.total, "device": self.device.type, "dtype": str(self.dtype).replace("torch.", ""),
-                **({"data": self.data.sources} if self.data.sources else {}),
-            })
-
-    def _diverged(self) -> list[str]:
-        """This rank's factors that are not finite or have exploded (see checkpoint.adapters.diverged)."""
-        return diverged({key: local for key, local, _ in local_factors(self.targets)})
-
     def save(self) -> str:
-        """A checkpoint of the current step, unless a factor has diverged anywhere (then
-        FloatingPointError: a checkpoint on the way to a divergence is not a good one).
-        A Ctrl-C during the save waits for it."""
+        """A checkpoint of the current step (Checkpointer.save). A Ctrl-C during the save waits
+        for it; a stop right after a periodic save returns that save."""
         if self.saved_step == self.step and self.saved_path:
-            return self.saved_path  # a stop right after a periodic save: that checkpoint is this step's
+            return self.saved_path
         with self.stop.saving_checkpoint() if self.stop is not None else contextlib.nullcontext():
-            path = self._save()
+            path = self.checkpoints.save(self.step, self.position)
         self.saved_step, self.saved_path = self.step, path
         return path
 
-    def _save(self) -> str:
-        bad = self._diverged()
-        if all_reduce_scalars([1.0 if bad else 0.0], op=dist.ReduceOp.MAX)[0] > 0:
-            raise FloatingPointError(f"adapter factors diverged at step {self.step} "
-                                     f"({'; '.join(bad[:3]) if bad else 'on another rank'}): not saved")
-        path = step_dir(self.out, self.step)
-        g = self.groups
-        # layout-independent too: the r-wide AdamW moments, unsharded under HF names (collective
-        # over TP; an expert's over its expert-TP group, each EP rank writing its own experts')
-        dense = [t for t in self.targets if not t.is_expert]
-        experts = [t for t in self.targets if t.is_expert]
-        moments, adam_step = gather_moments(dense, self.optimizer, g.tp)
-        expert_moments, expert_step = gather_moments(experts, self.optimizer) if experts else ({}, 0)
-        adam_step = max(adam_step, expert_step)
-        layout_free = {"step": self.step, "position": self.position, "adam_step": adam_step,
-                       "loss_scale": self.loss_scale.state_dict()}
-        per_rank = state_writer(self.rank, self.optimizer, self.step, self.position, self.device,
-                                extra={"loss_scale": self.loss_scale.state_dict()})
-
-        def writer(folder: str) -> list[str]:
-            names = per_rank(folder)
-            if g.tp_rank == 0 and g.dp_rank == 0:  # one writer per pipeline stage
-                names.append(write_moments(folder, g.pp_rank, moments, layout_free))
-            if experts and g.etp_rank == 0 and g.expert_dp_rank == 0:  # and per expert-parallel rank
-                names.append(write_moments(folder, g.pp_rank, expert_moments, layout_free, ep_rank=g.ep_rank))
-            return names
-
-        save_adapter_checkpoint(path, self.targets, self.peft, self.base, self.step, extra_writer=writer,
-                                run_config=self.cfg.to_dict())
-        if self.rank == 0:
-            prune(self.out, self.cfg.output.keep_last)
-        dist.barrier()
-        return path
-
     def _heartbeat(self) -> None:
-        if self.lock is not None and time.time() - self.lock.record["heartbeat"] > 30:
-            self.lock.heartbeat()
+        lock = self.folder.lock
+        if lock is not None and time.time() - lock.record["heartbeat"] > 30:
+            lock.heartbeat()
 
     # ---- one step ----------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -389,8 +239,7 @@ class Trainer:
             return self._run()
         finally:
             self.metrics.close()
-            if self.lock is not None:
-                self.lock.release()
+            self.folder.release()
 
     def _run(self) -> dict:
         self.resume_or_start()
@@ -450,5 +299,4 @@ def run(cfg: RunConfig) -> dict:
     try:
         return Trainer(cfg, groups, device, stop=stop, folder=folder).run()
     finally:
-        if folder[1] is not None:
-            folder[1].release()
+        folder.release()

@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass, field
 
 from ..checkpoint.adapters import CHECKPOINTS, candidates, newest_complete
 from ..checkpoint.atomic import PARTIAL_SUFFIX, write_json_atomic
@@ -32,6 +33,30 @@ STALE_AFTER_S = 900.0
 CONFIG = "config.json"
 RUN = "run.json"
 RUN_FILES = (CONFIG, RUN, "metrics.jsonl", CHECKPOINTS)
+
+
+@dataclass
+class ResumePlan:
+    """What rank 0 decided to do with the run folder, the same on every rank."""
+
+    resume: str | None = None  # the checkpoint to resume from; None: start at step 0
+    notes: list[str] = field(default_factory=list)  # said when the run starts or resumes
+    relayout: bool = False  # resumed at another layout (from the layout-free state)
+    saved_stages: int = 1  # the saved run's pipeline stages
+    changed: list[str] = field(default_factory=list)  # ``key: saved -> now`` a resume may change
+    data: dict | None = None  # run.json's record of the data the run trained on
+
+
+@dataclass
+class RunFolder:
+    """A run folder prepared for a run: the plan, and on rank 0 the lock it holds."""
+
+    plan: ResumePlan
+    lock: "RunLock | None" = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 MARKER = ".milora-run"  # written into a folder the moment a run takes it: "this folder is a run's"
@@ -152,9 +177,9 @@ def _read(out: str, name: str) -> dict | None:
             raise RunFolderError(f"{path} is not valid JSON ({exc}); repair it or use output.fresh_start=true") from None
 
 
-def plan(out: str, config: dict, world_size: int, fresh_start: bool) -> dict:
-    """What this run does with ``out`` (rank 0 decides, before any expensive work):
-    ``{"resume": path or None, "notes": [...]}``; raises RunFolderError when it must not go on."""
+def plan(out: str, config: dict, world_size: int, fresh_start: bool) -> ResumePlan:
+    """What this run does with ``out`` (rank 0 decides, before any expensive work); raises
+    RunFolderError when it must not go on."""
     checkpoints = os.path.join(out, CHECKPOINTS)
     # an interrupted save (step_N.partial) is not a checkpoint; a lone ``latest`` points at nothing
     has_checkpoints = bool(candidates(out))
@@ -166,13 +191,13 @@ def plan(out: str, config: dict, world_size: int, fresh_start: bool) -> dict:
         for name in RUN_FILES:
             if os.path.exists(os.path.join(out, name)):
                 shutil.move(os.path.join(out, name), keep)
-        return {"resume": None, "notes": [f"output.fresh_start: the previous run was moved to {keep}"]}
+        return ResumePlan(notes=[f"output.fresh_start: the previous run was moved to {keep}"])
     if not has_checkpoints:
         for name in interrupted:  # no live writer: this run holds the folder's lock
             shutil.rmtree(os.path.join(checkpoints, name), ignore_errors=True)
         notes = ([f"{', '.join(interrupted)}: an interrupted save, not a checkpoint (removed); no complete "
                   "checkpoint, so training starts from the beginning"] if interrupted else [])
-        return {"resume": None, "notes": notes}
+        return ResumePlan(notes=notes)
     saved, run = _read(out, CONFIG), _read(out, RUN) or {}
     conflicts = resume_conflicts(saved, config) if saved is not None else []
     if conflicts:
@@ -212,8 +237,7 @@ def plan(out: str, config: dict, world_size: int, fresh_start: bool) -> dict:
     if relayout:
         notes.append(f"resuming on another layout: {_layout(then)} -> {_layout(now)} (factors and AdamW state "
                      "re-sharded; dropout streams are reseeded)")
-    return {"resume": ckpt.path, "notes": notes, "relayout": relayout, "saved_stages": then[2], "changed": changed,
-            "data": run.get("data")}
+    return ResumePlan(ckpt.path, notes, relayout, then[2], changed, run.get("data"))
 
 
 def _layout(layout: tuple[int, int, int, int, int]) -> str:
@@ -222,10 +246,10 @@ def _layout(layout: tuple[int, int, int, int, int]) -> str:
     return f"TP={tp} x PP={pp} x DP={world // max(tp * pp, 1)}{experts} ({world} processes)"
 
 
-def prepare(cfg, world_size: int, host_group=None) -> tuple[dict, RunLock | None]:
+def prepare(cfg, world_size: int, host_group=None) -> RunFolder:
     """Collective over ``host_group`` (gloo; None: the default group): rank 0 locks the run
     folder and plans (``plan``); every rank receives the plan, or raises the same error.
-    Rank 0 also gets the lock to hold."""
+    Rank 0's RunFolder holds the lock."""
     import torch.distributed as dist
 
     out = os.path.abspath(cfg.output.dir)
@@ -241,16 +265,16 @@ def prepare(cfg, world_size: int, host_group=None) -> tuple[dict, RunLock | None
                 lock.release()
                 raise
             if note:
-                decision["notes"].insert(0, note)
+                decision.notes.insert(0, note)
         except Exception as exc:
             failure = as_user_error(exc, out)
             decision, lock = {"error": str(failure), "user": isinstance(failure, UserError)}, None
     box = [decision]
     dist.broadcast_object_list(box, src=0, group=host_group)
-    if "error" in box[0]:
+    if isinstance(box[0], dict):
         if failure is not None and not box[0]["user"]:
             raise failure  # a bug: rank 0 keeps its traceback
         if not box[0]["user"]:
             raise RuntimeError(f"rank 0 failed while preparing the run folder: {box[0]['error']}")
         raise failure if isinstance(failure, UserError) else RunFolderError(box[0]["error"])
-    return box[0], lock
+    return RunFolder(box[0], lock)

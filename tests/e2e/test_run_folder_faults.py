@@ -249,7 +249,7 @@ def test_a_stop_signal_or_ctrl_c_saves_and_says_so(inputs, tmp_path, launcher, h
 _SECOND_CTRL_C = """
 import os, signal, sys, time
 sys.path.insert(0, {root!r})
-from milora_megatron.train.loop import StopSignals
+from milora_megatron.train.signals import StopSignals
 
 stop = StopSignals()
 os.kill(os.getpid(), signal.SIGINT)

@@ -45,7 +45,7 @@ def test_plan_refuses_an_unreadable_run_record(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(RunFolderError, match="config.json is not valid JSON"):
         plan(str(tmp_path), {}, world_size=1, fresh_start=False)
-    assert plan(str(tmp_path), {}, world_size=1, fresh_start=True)["resume"] is None
+    assert plan(str(tmp_path), {}, world_size=1, fresh_start=True).resume is None
     assert [p for p in os.listdir(tmp_path) if p.startswith("previous-")]
 
 
@@ -74,7 +74,7 @@ def test_another_layout_needs_the_layout_independent_state(tmp_path):
                              base, 2, extra_writer=extra)
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "run.json").write_text(json.dumps({"world_size": 2, "tp": 2, "pp": 1}))
-    assert plan(str(tmp_path), config, world_size=2, fresh_start=False)["relayout"] is False
+    assert plan(str(tmp_path), config, world_size=2, fresh_start=False).relayout is False
     now = {**config, "parallel": {"tp": 1, "pp": 1}}
     with pytest.raises(RunFolderError, match=r"TP=2 x PP=1 x DP=1 \(2 processes\), this run is TP=1 x PP=1 x DP=2 "
                                              r"\(2 processes\), and its checkpoints predate"):
@@ -89,7 +89,7 @@ def test_another_layout_needs_the_layout_independent_state(tmp_path):
     write_adapter_checkpoint(step_dir(str(tmp_path), 4), {"m.lora_A": torch.zeros(2, 2)}, AdapterConfig(method="lora"),
                              base, 4, extra_writer=extra_v2)
     decided = plan(str(tmp_path), now, world_size=2, fresh_start=False)
-    assert decided["relayout"] and decided["resume"].endswith("step_0000004") and decided["saved_stages"] == 1
+    assert decided.relayout and decided.resume.endswith("step_0000004") and decided.saved_stages == 1
 
 
 def test_a_run_writes_only_into_a_new_empty_or_run_folder(tmp_path):
@@ -140,11 +140,11 @@ def test_an_interrupted_first_save_is_not_a_checkpoint(tmp_path):
     partial.mkdir(parents=True)
     (partial / "adapter-stage000.safetensors").write_bytes(b"half")
     decided = plan(str(tmp_path), {}, world_size=1, fresh_start=False)
-    assert decided["resume"] is None
-    assert "step_0000004.partial: an interrupted save, not a checkpoint" in decided["notes"][0]
-    assert "starts from the beginning" in decided["notes"][0] and not partial.exists()
+    assert decided.resume is None
+    assert "step_0000004.partial: an interrupted save, not a checkpoint" in decided.notes[0]
+    assert "starts from the beginning" in decided.notes[0] and not partial.exists()
     (tmp_path / "checkpoints" / "latest").write_text("step_0000004\n")  # a pointer to nothing
-    assert plan(str(tmp_path), {}, world_size=1, fresh_start=False)["resume"] is None
+    assert plan(str(tmp_path), {}, world_size=1, fresh_start=False).resume is None
 
 
 def test_what_a_resume_may_not_change_is_checked_against_the_checkpoint(tmp_path):
@@ -165,8 +165,8 @@ def test_what_a_resume_may_not_change_is_checked_against_the_checkpoint(tmp_path
     (tmp_path / "config.json").unlink()
     later = {**config, "train": {"lr": 1e-4, "iters": 8}}
     decided = plan(str(tmp_path), later, world_size=1, fresh_start=False)
-    assert decided["resume"].endswith("step_0000002")
-    assert decided["changed"] == ["train.iters: 4 -> 8", "train.lr: 0.0003 -> 0.0001"]
+    assert decided.resume.endswith("step_0000002")
+    assert decided.changed == ["train.iters: 4 -> 8", "train.lr: 0.0003 -> 0.0001"]
 
 
 def test_changed_keys_lists_every_difference():
