@@ -1,32 +1,19 @@
-"""Run a function on N real gloo ranks (separate processes) with megatron's parallel state set up.
-
-The ranks fork from one server process that imported torch and megatron-core once for the
-whole session (multiprocessing's "forkserver"), instead of each spawned rank importing them
-again (seconds per rank, most of a small test's time). A forked rank is a fresh process all the
-same: nothing of the test process's state reaches it but the environment, passed explicitly.
-"""
+"""Run a function on N real gloo ranks (separate processes, forked from the suite's fork
+server: forkserver.py) with megatron's parallel state set up."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import tempfile
 import traceback
 
 import torch
 import torch.multiprocessing as mp
-
-# imported once by the fork server (an import that fails is skipped there and done per rank)
-PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.parallel_state",
-           "megatron.core.tensor_parallel", "megatron.core.models.gpt", "transformers",
-           "milora_megatron.compat", "milora_megatron.adapters.apply", "milora_megatron.models.decoder",
-           "milora_megatron.models.layers"]
-multiprocessing.set_forkserver_preload(PRELOAD)
+from forkserver import adopt
 
 
 def _worker(rank, world, init_file, out_dir, tp, pp, ep, etp, fn, kwargs, env):
-    os.environ.clear()
-    os.environ.update(env)  # the test's environment now, not the fork server's at its start
+    adopt(env)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     try:

@@ -1,13 +1,25 @@
 """Real training runs for the end-to-end tests: a tiny converted Llama with its data, and
-torchrun of launch/pretrain_milora.py on it."""
+launch/pretrain_milora.py on it.
+
+``torchrun`` starts the trainer as users do (torchrun, or the USR1-forwarding wrapper): the
+tests of launching, signals and the launcher's own behaviour use it. ``run`` starts the same
+program's ranks forked from the suite's fork server (forkserver.py), with the environment
+torchrun gives its workers, and waits for them: the same code from ``main()`` on, without the
+launcher's and the imports' start-up (seconds per rank) that most of a short run would be.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import runpy
+import socket
 import subprocess
 import sys
+import time
+import traceback
 
+from forkserver import CONTEXT, adopt
 from hf_tiny import alpaca_records, make_hf_model, make_tokenizer
 from paths import ROOT
 
@@ -56,14 +68,74 @@ def common(root, ckpt, out, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in items.items()]
 
 
-def run(nproc, overrides, ok=True, **kwargs) -> str:
-    """A finished run's output; by default asserting it exited 0."""
-    proc = torchrun(nproc, overrides, **kwargs)
-    text, _ = proc.communicate(timeout=300)
+def run(nproc, overrides, ok=True, env=None, **kwargs) -> str:
+    """A finished run's output (``run.returncode``: 0, or 1 as torchrun's when a rank failed);
+    by default asserting it exited 0. With torchrun's arguments (``launcher``, Popen's), a
+    torchrun; otherwise ranks forked from the fork server (``forked``)."""
+    if kwargs:
+        proc = torchrun(nproc, overrides, env=env, **kwargs)
+        text, _ = proc.communicate(timeout=300)
+        code = proc.returncode
+    else:
+        text, code = forked(nproc, overrides, env)
     if ok:
-        assert proc.returncode == 0, text[-3000:]
-    run.returncode = proc.returncode
+        assert code == 0, text[-3000:]
+    run.returncode = code
     return text
+
+
+def forked(nproc, overrides, env=None, timeout=300.0, config=None) -> tuple[str, int]:
+    """(output of rank 0, then the others'; 0 or 1) of the trainer on ``nproc`` forked ranks.
+    A rank that fails ends the others, as torchrun ends its workers."""
+    import tempfile
+
+    argv = ["--config", config or os.path.join(ROOT, "configs", "tiny_cpu.yaml"), *overrides]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1"}
+    with tempfile.TemporaryDirectory() as logs:
+        paths = [os.path.join(logs, f"rank{r}.log") for r in range(nproc)]
+        ranks = [CONTEXT.Process(target=_rank, args=(r, argv, base, paths[r])) for r in range(nproc)]
+        for p in ranks:
+            p.start()
+        deadline, failed_at = time.time() + timeout, None
+        while any(p.is_alive() for p in ranks):
+            if failed_at is None and any(p.exitcode not in (None, 0) for p in ranks):
+                failed_at = time.time()
+            if time.time() > deadline or (failed_at is not None and time.time() - failed_at > 5):
+                for p in ranks:
+                    if p.is_alive():
+                        p.kill()
+            time.sleep(0.05)
+        for p in ranks:
+            p.join()
+        text = "".join(open(path, errors="replace").read() for path in paths if os.path.exists(path))
+        timed_out = time.time() > deadline
+    code = 0 if all(p.exitcode == 0 for p in ranks) else 1
+    assert not timed_out, f"the run did not finish in {timeout} s:\n{text[-3000:]}"
+    return text, code
+
+
+def _rank(rank: int, argv: list[str], env: dict, log: str) -> None:
+    """One rank: torchrun's environment, output to ``log``, the trainer's entry point."""
+    adopt({**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0"})
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.argv = [LAUNCH, *argv]
+    code = 0
+    try:
+        runpy.run_path(LAUNCH, run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def records(out) -> list[dict]:
