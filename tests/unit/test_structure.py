@@ -84,3 +84,15 @@ def test_test_files_have_unique_names():
     names = [f for _, _, files in os.walk(os.path.join(ROOT, "tests")) for f in files
              if f.startswith("test_") and f.endswith(".py")]
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+def test_every_module_has_its_tests_named_and_they_exist():
+    """tests/support/module_tests.py: which tests exercise each module. A new module is
+    refused until its tests are named; a test file renamed or deleted, until the entry is."""
+    from module_tests import MODULE_TESTS
+
+    modules = sorted(os.path.relpath(path, PACKAGE) for _, path in _modules())
+    assert sorted(MODULE_TESTS) == modules, (set(modules) ^ set(MODULE_TESTS))
+    missing = [(m, t) for m, tests in MODULE_TESTS.items() for t in tests
+               if not os.path.isfile(os.path.join(ROOT, "tests", t))]
+    assert not missing and all(MODULE_TESTS.values()), missing
