@@ -68,27 +68,23 @@ def _sections(cls):
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])]
 
 
-def valid_keys(cls, prefix: str = "") -> list[str]:
-    keys = []
+def _leaves(cls, prefix: str = ""):
+    """(``section.key``, field) of every key, through nested sections."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
-            keys += valid_keys(hints[f.name], f"{prefix}{f.name}.")
+            yield from _leaves(hints[f.name], f"{prefix}{f.name}.")
         else:
-            keys.append(prefix + f.name)
-    return keys
+            yield prefix + f.name, f
 
 
-def fixed_keys(cls, prefix: str = "") -> list[str]:
+def valid_keys(cls) -> list[str]:
+    return [key for key, _ in _leaves(cls)]
+
+
+def fixed_keys(cls) -> list[str]:
     """Every ``section.key`` whose field is fixed on resume."""
-    keys = []
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys += fixed_keys(hints[f.name], f"{prefix}{f.name}.")
-        elif f.metadata.get("fixed_on_resume"):
-            keys.append(prefix + f.name)
-    return keys
+    return [key for key, f in _leaves(cls) if f.metadata.get("fixed_on_resume")]
 
 
 def choices_of(f, hint) -> tuple | None:
