@@ -68,10 +68,13 @@ class RunLockedError(RunFolderError):
 
 
 def _process_start(pid: int) -> float | None:
+    """When ``pid`` started, or None if no such process lives (a killed process that its
+    parent has not reaped yet, a zombie, is dead too)."""
     try:
         import psutil
 
-        return psutil.Process(pid).create_time()
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
     except Exception:
         return None
 

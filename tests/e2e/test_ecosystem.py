@@ -76,7 +76,8 @@ def test_a_hub_id_converts_offline_and_records_its_commit(tiny, tmp_path):
     assert BaseCheckpoint(str(tmp_path / "main")).fingerprint == BaseCheckpoint(ckpt).fingerprint  # the same weights
     proc = subprocess.run([*convert, "--out", str(tmp_path / "v9"), "--revision", "v9"], capture_output=True, text=True,
                           env=env)
-    assert proc.returncode == 2 and "neither a local folder nor in the Hugging Face cache" in proc.stderr
+    assert proc.returncode == 2 and "acme/tiny-llama is not a local path, and the model (revision v9) is not in the " \
+                                    "Hugging Face cache" in proc.stderr and "HF_HUB_OFFLINE=1" in proc.stderr
     assert not (tmp_path / "v9").exists()
 
 

@@ -40,6 +40,25 @@ def test_one_lock_per_folder_and_stale_locks_are_taken_over(tmp_path):
     assert "another-host" in RunLock(str(tmp_path)).acquire()  # its heartbeat is 15 minutes old
 
 
+def test_a_killed_holder_not_yet_reaped_holds_no_lock(tmp_path):
+    """A SIGKILLed run whose parent has not reaped it yet (a zombie) is dead: its lock is taken
+    over (before: a rerun right after the kill was refused as a second run)."""
+    lock = RunLock(str(tmp_path))
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import psutil
+
+        started = psutil.Process(killed.pid).create_time()
+        (tmp_path / "run.lock").write_text(json.dumps({**lock.record, "pid": killed.pid, "started": started}))
+        killed.kill()
+        while psutil.Process(killed.pid).status() != psutil.STATUS_ZOMBIE:  # dead, not reaped
+            pass
+        assert RunLock(str(tmp_path)).acquire().startswith(f"took over a stale lock of pid {killed.pid}")
+    finally:
+        killed.kill()
+        killed.wait()
+
+
 def test_plan_refuses_an_unreadable_run_record(tmp_path):
     (tmp_path / "checkpoints" / "step_0000002").mkdir(parents=True)
     (tmp_path / "config.json").write_text("{not json")
