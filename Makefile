@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Two workers (pytest-xdist): much of a test's time is waiting (launchers, Slurm, signals), and a
+# test file's tests stay on one worker with its fixtures (tests/conftest.py groups them).
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --durations=15 tests
 
 # The edit loop: the unit tests only (no process groups, no trainer launches).
 test-fast: $(STAMP)
