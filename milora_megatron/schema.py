@@ -18,7 +18,8 @@ from dataclasses import field
 from .errors import ConfigError
 
 
-def option(default, help: str, *, fixed_on_resume: bool = False, choices: typing.Callable[[], typing.Iterable] | None = None):
+def option(default, help: str, *, fixed_on_resume: bool = False,
+           choices: typing.Callable[[], typing.Iterable] | None = None):
     """A config field with its documentation (``--help`` is generated from it).
 
     ``fixed_on_resume``: a resume that changes it is refused (the saved state depends on it).

@@ -18,7 +18,8 @@ import os
 import torch.distributed as dist
 
 from ..adapters.apply import fold_initial
-from ..checkpoint.adapters import AdapterCheckpoint, diverged, local_factors, save_adapter_checkpoint, scatter_factors, step_dir
+from ..checkpoint.adapters import (AdapterCheckpoint, diverged, local_factors, save_adapter_checkpoint, scatter_factors,
+                                   step_dir)
 from ..checkpoint.atomic import write_json_atomic
 from ..device import all_reduce_scalars
 from ..errors import RunFolderError

@@ -51,7 +51,8 @@ class DataConfig(Section):
 
     train: str = option("", "jsonl / json / parquet file, a local dataset folder (save_to_disk, or files laid out "
                             "as a dataset repo), or a Hugging Face dataset id org/name (through the Hub cache: "
-                            "HF_HOME, HF_TOKEN, HF_HUB_OFFLINE=1 as huggingface_hub reads them)", fixed_on_resume=True)
+                            "HF_HOME, HF_TOKEN, HF_HUB_OFFLINE=1 as huggingface_hub reads them)",
+                        fixed_on_resume=True)
     valid: str = option("", "validation data in the same forms, read at data.valid_split if set (else its 'train' "
                             "split); empty: data.valid_split of data.train's dataset, data.valid_fraction, or no "
                             "validation loss")
