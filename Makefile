@@ -20,14 +20,18 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Two workers (pytest-xdist): much of a test's time is waiting (launchers, Slurm, signals), and a
-# test file's tests stay on one worker with its fixtures (tests/conftest.py groups them).
+# Two workers (pytest-xdist): much of a test's time is waiting (launchers, signals, files), and
+# a test file's tests stay on one worker with its fixtures (tests/conftest.py groups them). The
+# Slurm clusters (marked serial) then run alone. Both parts always run; either failing fails.
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --durations=15 tests
+	$(PYTEST) -n 2 --dist loadgroup -m "not serial" --durations=15 tests; parallel=$$?; \
+	$(PYTEST) -m serial --durations=5 tests; serial=$$?; \
+	test $$parallel -eq 0 -a $$serial -eq 0
 
 # The edit loop: the unit tests only (no process groups, no trainer launches).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+	$(PYTEST) -n 2 tests/unit
 
 # The user path on a tiny Llama on CPU: HF folder -> convert (TP=2) -> torchrun train MiLoRA
 # -> merged HF + PEFT adapter -> transformers generate. Everything lands in runs/demo.

@@ -108,7 +108,8 @@ def test_usr1_saves_requeues_and_resumes(cluster, inputs):
     while not any(m.get("step", 0) >= 3 and "loss" in m for m in _metrics(run)):
         assert time.time() < deadline, open(log).read()[-3000:] if os.path.exists(log) else "no log"
         state = c.job(job)
-        assert state.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), (state, _tail(log))
+        if state.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
+            pytest.fail(f"job {state.get('JobState')} before step 3:\n{_tail(log, 8000)}")
         time.sleep(0.5)
     signalled = c.run(["scancel", "--signal=USR1", str(job)])
     assert signalled.returncode == 0, signalled.stderr
