@@ -22,6 +22,24 @@ def inputs(tmp_path_factory):
     return root, make_inputs(root)
 
 
+@pytest.fixture(scope="module")
+def saved(inputs, tmp_path_factory):
+    """Run folders trained once for the tests that damage, resume or refuse them; each test
+    takes its own copy (``saved(name, dest)``). "every 2": 4 steps saved every 2, 3 kept;
+    "every 1": 2 steps saved at each."""
+    root = tmp_path_factory.mktemp("saved")
+    settings = {"every 2": {"train.iters": 4, "output.save_every": 2, "output.keep_last": 3},
+                "every 1": {"train.iters": 2, "output.save_every": 1}}
+    for name, extra in settings.items():
+        run(1, _args(inputs, root / name, **extra))
+
+    def copy(name, dest):
+        shutil.copytree(root / name, dest)
+        return dest
+
+    return copy
+
+
 def _args(inputs, out, **extra):
     root, ckpt = inputs
     return common(root, ckpt, out, **{"parallel.tp": 1, "train.global_batch": 2, "train.seq_len": 128, **extra})
@@ -38,9 +56,8 @@ def _trained_after_resume(out):
     return [r["step"] for r in recs[last:] if "loss" in r]
 
 
-def test_a_deleted_latest_pointer_loses_nothing(inputs, tmp_path):
-    out = tmp_path / "run"
-    run(1, _args(inputs, out, **{"train.iters": 4, "output.save_every": 2, "output.keep_last": 3}))
+def test_a_deleted_latest_pointer_loses_nothing(inputs, saved, tmp_path):
+    out = saved("every 2", tmp_path / "run")
     (out / "checkpoints" / "latest").unlink()
     run(1, _args(inputs, out, **{"train.iters": 6, "output.save_every": 2, "output.keep_last": 3}))
     assert _events(out, "resumed")[-1]["from"].endswith("step_0000004")
@@ -48,16 +65,16 @@ def test_a_deleted_latest_pointer_loses_nothing(inputs, tmp_path):
     assert sorted(last_losses(out)) == list(range(1, 7))
     # a resume may change train.iters: it is named, and the run's record follows it
     resumed = _events(out, "resumed")[-1]
-    assert resumed["changed"] == ["train.iters: 4 -> 6"] and resumed["total_steps"] == 6
+    moved = [c for c in resumed["changed"] if not c.startswith("output.dir:")]  # the folder is a copy
+    assert moved == ["train.iters: 4 -> 6"] and resumed["total_steps"] == 6
     assert json.loads((out / "config.json").read_text())["train"]["iters"] == 6
     assert json.loads((out / "run.json").read_text())["total_steps"] == 6
 
 
-def test_a_damaged_newest_checkpoint_falls_back_and_says_so(inputs, tmp_path):
+def test_a_damaged_newest_checkpoint_falls_back_and_says_so(inputs, saved, tmp_path):
     from milora_megatron.convert.exporter import export_merged
 
-    out = tmp_path / "run"
-    run(1, _args(inputs, out, **{"train.iters": 4, "output.save_every": 2, "output.keep_last": 3}))
+    out = saved("every 2", tmp_path / "run")
     flip(out / "checkpoints" / "step_0000004" / "adapter-stage000.safetensors")
     with pytest.raises(ValueError, match="does not match its checksum"):  # before: exported weights of 5e3
         export_merged(str(out / "checkpoints" / "step_0000004"), str(tmp_path / "merged"), progress=False)
@@ -68,9 +85,8 @@ def test_a_damaged_newest_checkpoint_falls_back_and_says_so(inputs, tmp_path):
     assert _trained_after_resume(out) == [3, 4, 5, 6]
 
 
-def test_unusable_checkpoints_are_never_overwritten_without_the_flag(inputs, tmp_path):
-    out = tmp_path / "run"
-    run(1, _args(inputs, out, **{"train.iters": 2, "output.save_every": 1}))
+def test_unusable_checkpoints_are_never_overwritten_without_the_flag(inputs, saved, tmp_path):
+    out = saved("every 1", tmp_path / "run")
     for step in (1, 2):
         (out / "checkpoints" / f"step_{step:07d}" / "adapter.json").unlink()
     before = records(out)
@@ -123,9 +139,8 @@ def test_a_kill_while_a_step_is_resaved_leaves_a_complete_copy(tmp_path):
     assert float(chosen.tensors()["m.lora_A"][0, 0]) == 1.0  # the complete previous copy
 
 
-def test_a_resume_that_would_change_the_method_is_refused_up_front(inputs, tmp_path):
-    out = tmp_path / "run"
-    run(1, _args(inputs, out, **{"train.iters": 2}))
+def test_a_resume_that_would_change_the_method_is_refused_up_front(inputs, saved, tmp_path):
+    out = saved("every 1", tmp_path / "run")
     start = time.time()
     text = run(1, _args(inputs, out, **{"train.iters": 4, "peft.method": "lora"}), ok=False)
     assert run.returncode != 0
@@ -355,10 +370,9 @@ def test_a_full_disk_during_training_is_one_line_and_keeps_the_last_checkpoint(i
     assert kept.step >= 1 and not [p for p in os.listdir(out / "checkpoints") if p.endswith(".partial")]
 
 
-def test_a_run_folder_written_before_checksums_still_resumes(inputs, tmp_path):
+def test_a_run_folder_written_before_checksums_still_resumes(inputs, saved, tmp_path):
     """Version-1 adapter checkpoints (no checksums) are read, unverified, and said to be."""
-    out = tmp_path / "run"
-    run(1, _args(inputs, out, **{"train.iters": 2, "output.save_every": 1}))
+    out = saved("every 1", tmp_path / "run")
     meta_path = out / "checkpoints" / "step_0000002" / "adapter.json"
     meta = json.loads(meta_path.read_text())
     meta["version"] = 1
