@@ -81,18 +81,17 @@ def load_data(cfg, base, host_group=None) -> Data:
 
     def read(pinned) -> Data:
         train, valid = resolve_sources(d, pinned)
-        examples = tokenize_examples(train, d.template, tok)
-        held = None
+        examples, validation = tokenize_examples(train, d.template, tok), None
         if d.valid_fraction:
-            examples, held = hold_out(examples, d.valid_fraction, t.seed)
+            examples, validation = hold_out(examples, d.valid_fraction, t.seed)
         elif valid is not None:
-            held = tokenize_examples(valid, d.template, tok)
+            validation = tokenize_examples(valid, d.template, tok)
         forgetting = (text_samples(d.forgetting, tok, t.seq_len, max_samples=t.eval_batches * t.micro_batch)
                       if d.forgetting else None)
         sources = {"train": train.record(), **({"valid": valid.record()} if valid is not None else {})}
+        valid_label = valid.label if valid is not None else f"{train.label} (held out)"
         return Data(samples(examples, train.label),
-                    samples(held, valid.label if valid is not None else f"{train.label} (held out)")
-                    if held is not None else None, forgetting, sources)
+                    samples(validation, valid_label) if validation is not None else None, forgetting, sources)
 
     tok = AutoTokenizer.from_pretrained(base.hf_side_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

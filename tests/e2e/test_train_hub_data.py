@@ -88,3 +88,15 @@ def test_a_dataset_missing_from_the_offline_cache_is_one_line_and_nothing_trains
     assert "acme/absent is not a local path, and the dataset (revision main) is not in the Hugging Face cache" in ours[0]
     assert "HF_HUB_OFFLINE=1: unset HF_HUB_OFFLINE" in ours[0] and "Traceback" not in text
     assert not records(out) and not (out / "checkpoints").exists()
+
+
+def test_a_held_out_fraction_validates_on_examples_never_trained_on(inputs, tmp_path):
+    hf_home = inputs[2]
+    out = tmp_path / "run"
+    run(1, _args(inputs, out, **{"data.train": "acme/qa", "data.columns": COLUMNS, "data.valid_fraction": 0.25,
+                                 "train.iters": 1, "train.global_batch": 4, "train.seq_len": 256}),
+        env=offline_env(hf_home))
+    [step] = [r for r in records(out) if "loss" in r]
+    assert step["epoch"] == round(4 / 36, 4)  # 12 of the 48 examples held out, 36 trained on
+    assert [r for r in records(out) if "valid_loss" in r]
+    assert "valid" not in _run_json(out)["data"]  # validation came from data.train itself
