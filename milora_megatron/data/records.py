@@ -17,7 +17,7 @@ from ..errors import DataError
 
 def load_records(path: str):
     """A ``datasets.Dataset`` from a jsonl/json/parquet/txt file or a local dataset folder."""
-    return open_records(local(path))
+    return open_records(path)
 
 
 def _first_non_text(records, fields: tuple[str, ...]) -> tuple[int, str, object] | None:

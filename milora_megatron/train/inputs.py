@@ -79,8 +79,8 @@ def load_data(cfg, base, host_group=None) -> Data:
                   f"train.seq_len={t.seq_len} and are skipped", flush=True)
         return tokens[keep], masks[keep], None if positions is None else positions[keep]
 
-    def read(pinned) -> Data:
-        train, valid = resolve_sources(d, pinned)
+    def read() -> Data:
+        train, valid = resolved if resolved is not None else resolve_sources(d, pinned)
         examples, validation = tokenize_examples(train, d.template, tok), None
         if d.valid_fraction:
             examples, validation = hold_out(examples, d.valid_fraction, t.seed)
@@ -95,11 +95,11 @@ def load_data(cfg, base, host_group=None) -> Data:
 
     tok = AutoTokenizer.from_pretrained(base.hf_side_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    pinned = _pinned_on_rank0(d, host_group)
+    pinned, resolved = _resolved_on_rank0(d, host_group)
     if not first_on_node:
         dist.barrier(group=host_group)
     try:
-        data, error = read(pinned), None
+        data, error = read(), None
     except Exception as exc:  # the node's other ranks meet the same error after the barrier
         data, error = None, exc
     if first_on_node:
@@ -109,21 +109,22 @@ def load_data(cfg, base, host_group=None) -> Data:
     return data
 
 
-def _pinned_on_rank0(d, host_group) -> dict:
-    """The commits rank 0's sources resolved to, so every node reads the same data even if a
-    branch moves meanwhile; a failure there is every rank's (raised after the broadcast)."""
-    result = {}
+def _resolved_on_rank0(d, host_group) -> tuple[dict, tuple | None]:
+    """(the commits rank 0's sources resolved to, rank 0's sources themselves): every node
+    reads the same data even if a branch moves meanwhile, and rank 0 does not resolve twice.
+    A failure there is every rank's (raised after the broadcast)."""
+    result, sources = {}, None
     if dist.get_rank() == 0:
         try:
-            train, valid = resolve_sources(d)
-            result = {role: s.commit for role, s in (("train", train), ("valid", valid)) if s is not None and s.commit}
+            sources = resolve_sources(d)
+            result = {role: s.commit for role, s in zip(("train", "valid"), sources) if s is not None and s.commit}
         except Exception as exc:
             result = {"error": exc}
     box = [result]
     dist.broadcast_object_list(box, src=0, group=host_group)
     if "error" in box[0]:
         raise box[0]["error"]
-    return box[0]
+    return box[0], sources
 
 
 def check_same_data(recorded: dict | None, now: dict) -> None:
